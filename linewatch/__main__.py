@@ -1,0 +1,5 @@
+import sys
+
+from linewatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,330 @@
+"""Configuration of a whole line: pydantic models, a TOML loader, environment overrides.
+
+A line is configured in one TOML file. Any value can be overridden from the
+environment with ``LINEWATCH_<SECTION>__<KEY>`` (``__`` descends one level; a
+number selects a list item, e.g. ``LINEWATCH_CAMERAS__0__FPS=5``). Values from
+the environment are parsed as TOML values where they parse (``5``, ``true``,
+``"text"``), else taken as plain strings.
+
+Every error is one line naming the file and the key, so a line engineer can fix
+it without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from linewatch.errors import ConfigError
+
+ENV_PREFIX = "LINEWATCH_"
+
+
+class _Strict(BaseModel):
+    """Base of every config model: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- cameras
+
+
+class GenicamSource(_Strict):
+    """A GenICam camera reached through a GenTL producer (``.cti``) with harvesters."""
+
+    kind: Literal["genicam"] = "genicam"
+    cti: Path = Field(description="path of the GenTL producer (.cti file)")
+    serial_number: str | None = Field(None, description="select the camera by serial number")
+    device_id: str | None = Field(None, description="select the camera by GenTL device id")
+    user_defined_name: str | None = Field(None, description="select by user-defined name")
+    pixel_format: str | None = Field(None, description="set PixelFormat on the camera, e.g. Mono8")
+    trigger_mode: Literal["off", "software", "hardware"] = "off"
+    exposure_us: float | None = Field(None, gt=0)
+    num_buffers: int = Field(8, ge=1, le=256)
+    fetch_timeout_s: float = Field(2.0, gt=0)
+    reconnect_interval_s: float = Field(2.0, gt=0)
+
+
+class FolderSource(_Strict):
+    """Replays the images of a folder (or an MVTec-layout data set) at a set rate."""
+
+    kind: Literal["folder"] = "folder"
+    path: Path
+    fps: float = Field(10.0, gt=0)
+    loop: bool = False
+
+
+class SynthSource(_Strict):
+    """Frames made on the fly by the synthetic data generator."""
+
+    kind: Literal["synth"] = "synth"
+    fps: float = Field(10.0, gt=0)
+    size: int = Field(256, ge=32, le=4096)
+    surface: str = "brushed_metal"
+    defect_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    seed: int = 0
+    frames: int | None = Field(None, ge=1, description="stop after this many frames")
+
+
+CameraSource = Annotated[GenicamSource | FolderSource | SynthSource, Field(discriminator="kind")]
+
+
+class CameraConfig(_Strict):
+    """One camera of the line, acquired by its own process."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    source: CameraSource
+    deadline_ms: float = Field(
+        1000.0, gt=0, description="ms after acquisition by which the verdict must exist"
+    )
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class CurveConfig(_Strict):
+    """ZeroMQ CURVE authentication and encryption; key files from ``linewatch keys generate``."""
+
+    enabled: bool = False
+    keys_dir: Path | None = Field(None, description="folder with server and client key files")
+
+
+class TransportConfig(_Strict):
+    """ZeroMQ endpoints between acquisition, workers and decision."""
+
+    frames_endpoint: str = "tcp://127.0.0.1:5555"
+    workers_endpoint: str = "tcp://127.0.0.1:5556"
+    results_endpoint: str = "tcp://127.0.0.1:5557"
+    heartbeat_ms: int = Field(1000, ge=10)
+    high_water_mark: int = Field(1000, ge=1)
+    curve: CurveConfig = CurveConfig()
+
+    @model_validator(mode="after")
+    def _curve_off_loopback(self) -> TransportConfig:
+        exposed = [e for e in self.endpoints() if not endpoint_is_local(e)]
+        if exposed and not self.curve.enabled:
+            raise ValueError(
+                f"endpoint {exposed[0]} is not on 127.0.0.1/ipc; set transport.curve.enabled = true"
+            )
+        return self
+
+    def endpoints(self) -> list[str]:
+        """All endpoints this line binds."""
+        return [self.frames_endpoint, self.workers_endpoint, self.results_endpoint]
+
+
+def endpoint_is_local(endpoint: str) -> bool:
+    """True for ipc/inproc endpoints and tcp on a loopback address."""
+    parsed = urlparse(endpoint)
+    if parsed.scheme in ("ipc", "inproc"):
+        return True
+    host = parsed.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------- workers, model
+
+
+class RoiConfig(_Strict):
+    """Region of interest cropped from each frame before scoring (pixels)."""
+
+    x: int = Field(ge=0)
+    y: int = Field(ge=0)
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+
+
+class WorkersConfig(_Strict):
+    """Batched inference workers."""
+
+    count: int = Field(2, ge=1, le=64)
+    max_batch: int = Field(8, ge=1, le=256)
+    max_wait_ms: float = Field(10.0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: auto)")
+    roi: RoiConfig | None = None
+    tile_size: int | None = Field(None, ge=32, description="tile frames larger than this")
+    tile_overlap: int = Field(32, ge=0)
+    inject_delay_ms: float = Field(0.0, ge=0, description="test only: slow every batch down")
+
+
+class ModelConfig(_Strict):
+    """The model file the workers load (hot-reloaded when it changes)."""
+
+    path: Path = Path("models/line.lwm")
+    reload_check_s: float = Field(2.0, gt=0)
+
+
+# --------------------------------------------------------------------------- decision, redis
+
+ThresholdRule = Literal["operating_point", "f1_max", "youden"]
+
+
+class DecisionConfig(_Strict):
+    """Turns anomaly maps into verdicts and defect regions."""
+
+    sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the anomaly map (pixels)")
+    rule: ThresholdRule = "operating_point"
+    min_area: int = Field(16, ge=1, description="smallest defect region kept (pixels)")
+    heatmaps: Literal["redis", "disk", "off"] = "redis"
+    heatmap_ttl_s: int = Field(3600, ge=1)
+    heatmap_dir: Path = Path("heatmaps")
+
+
+class RedisConfig(_Strict):
+    """The Redis server the streams live on; empty ``url`` starts an embedded one."""
+
+    url: str | None = Field(None, description="redis://host:port/db; none = embedded server")
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: bool = False
+    tls_ca_certs: Path | None = None
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    verdicts_maxlen: int = Field(1_000_000, ge=1000)
+    spool_dir: Path = Path("spool")
+    spool_max_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+
+
+class LoggingConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["console", "json"] = "console"
+
+
+# --------------------------------------------------------------------------- line
+
+
+class LineConfig(_Strict):
+    """Everything one production line runs with."""
+
+    line: str = Field("line1", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    cameras: list[CameraConfig] = Field(min_length=1)
+    transport: TransportConfig = TransportConfig()
+    workers: WorkersConfig = WorkersConfig()
+    model: ModelConfig = ModelConfig()
+    decision: DecisionConfig = DecisionConfig()
+    redis: RedisConfig = RedisConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _unique_camera_ids(self) -> LineConfig:
+        ids = [c.id for c in self.cameras]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"camera ids must be unique, repeated: {', '.join(duplicates)}")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> LineConfig:
+    """Read, override from the environment and validate a line's TOML file.
+
+    Raises :class:`ConfigError` with one line naming the file and the key.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = apply_env_overrides(raw, os.environ if environ is None else environ)
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> LineConfig:
+    """Validate a parsed configuration; errors become one :class:`ConfigError` line."""
+    try:
+        return LineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_validation_error(exc)}") from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """All problems of a validation error on one line: ``key.path: message``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p not in _UNION_TAGS) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in err and not isinstance(err["input"], dict | list):
+            msg = f"{msg} (got {err['input']!r})"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+_UNION_TAGS = {"genicam", "folder", "synth"}
+
+
+def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Return ``raw`` with every ``LINEWATCH_A__B=v`` applied as ``raw[a][b] = v``."""
+    result: dict[str, Any] = _deep_copy(raw)
+    for name in sorted(environ):
+        rest = name[len(ENV_PREFIX) :]
+        # Only nested names (and the top-level line name) are overrides, so that other
+        # LINEWATCH_ variables (cache folders, test switches) never reach the config.
+        if not name.startswith(ENV_PREFIX) or ("__" not in rest and rest != "LINE"):
+            continue
+        keys = [k.lower() for k in rest.split("__")]
+        _set_path(result, keys, _parse_env_value(environ[name]), name)
+    return result
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_path(tree: Any, keys: list[str], value: Any, env_name: str) -> None:
+    node = tree
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"environment {env_name}: no list item {key}")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise ConfigError(f"environment {env_name}: {key} is not a section")
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+EXAMPLE_CONFIG = Path(__file__).with_name("line.example.toml")
+
+
+def example_config_text() -> str:
+    """The complete, commented example configuration (``linewatch config example``)."""
+    return EXAMPLE_CONFIG.read_text(encoding="utf-8")

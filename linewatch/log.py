@@ -1,0 +1,45 @@
+"""Structured logging: one event name per event, key-value fields.
+
+Every process calls :func:`configure` once at start; library code only calls
+:func:`get_logger`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal
+
+import structlog
+
+LogFormat = Literal["console", "json"]
+
+
+def configure(level: str = "info", fmt: LogFormat = "console", process: str | None = None) -> None:
+    """Set up structlog for this process; logs go to stderr so stdout stays for results."""
+    renderer: structlog.typing.Processor
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    processors: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if process:
+        structlog.contextvars.bind_contextvars(process=process)
+    structlog.configure(
+        processors=[*processors, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
+    """A logger bound to a component name (``component=<name>`` in every event)."""
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger().bind(component=name)
+    return logger
