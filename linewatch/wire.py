@@ -11,12 +11,12 @@ that processes on one host compare them without float rounding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-WIRE_VERSION = 1
+WIRE_VERSION: Final = 1
 
 PixelDType = Literal["uint8", "uint16"]
 MapDType = Literal["float16", "uint8"]
