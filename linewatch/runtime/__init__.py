@@ -1,0 +1,1 @@
+"""Running a whole line: the supervisor, ``linewatch run`` and the embedded demo."""

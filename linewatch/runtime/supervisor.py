@@ -1,0 +1,149 @@
+"""Starts a line's processes, restarts the ones that crash, and stops them in order.
+
+Shutdown drains the pipeline front to back: acquisition stops first so nothing
+new enters, then the dispatcher, the workers and the decision service each get
+time to finish what they hold before the next stage is stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from linewatch.log import get_logger
+
+log = get_logger("supervisor")
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """One supervised process: a name, its command line, and its shutdown stage.
+
+    Lower stages are stopped first (acquisition 0, dispatcher 1, workers 2, decision 3, ...).
+    """
+
+    name: str
+    argv: tuple[str, ...]
+    stage: int
+    stop_timeout_s: float = 10.0
+
+
+@dataclass
+class _Child:
+    spec: ProcessSpec
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    next_start_at: float = 0.0
+    backoff_s: float = 0.0
+
+
+@dataclass
+class BackoffPolicy:
+    """Exponential back-off between restarts, reset once a process has run stably."""
+
+    initial_s: float = 0.5
+    maximum_s: float = 30.0
+    stable_after_s: float = 60.0
+
+    def next_delay(self, previous_s: float, ran_for_s: float) -> float:
+        """Delay before the next start of a process that ran ``ran_for_s`` seconds."""
+        if ran_for_s >= self.stable_after_s or previous_s <= 0.0:
+            return self.initial_s
+        return min(self.maximum_s, previous_s * 2.0)
+
+
+def linewatch_argv(*args: str) -> tuple[str, ...]:
+    """Command line running a ``linewatch`` subcommand with this interpreter."""
+    return (sys.executable, "-m", "linewatch", *args)
+
+
+@dataclass
+class Supervisor:
+    """Runs :class:`ProcessSpec` children until :meth:`stop` is called."""
+
+    specs: Sequence[ProcessSpec]
+    env: Mapping[str, str] = field(default_factory=dict)
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
+    poll_s: float = 0.2
+    _children: list[_Child] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._children = [_Child(spec) for spec in self.specs]
+
+    def stop(self) -> None:
+        """Ask the supervision loop to shut the line down (signal-safe)."""
+        self._stop.set()
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        """Restart counts per process name."""
+        return {c.spec.name: c.restarts for c in self._children}
+
+    def running(self) -> dict[str, int | None]:
+        """PID of each process, None while it is down."""
+        return {
+            c.spec.name: c.process.pid if c.process and c.process.poll() is None else None
+            for c in self._children
+        }
+
+    def run(self) -> None:
+        """Start everything, keep it running, and stop in stage order on :meth:`stop`."""
+        for child in sorted(self._children, key=lambda c: -c.spec.stage):
+            self._start(child)
+        try:
+            while not self._stop.wait(self.poll_s):
+                self._check_children()
+        finally:
+            self._shutdown()
+
+    def _start(self, child: _Child) -> None:
+        env = {**os.environ, **self.env}
+        child.process = subprocess.Popen(child.spec.argv, env=env)
+        child.started_at = time.monotonic()
+        log.info("process_started", process=child.spec.name, pid=child.process.pid)
+
+    def _check_children(self) -> None:
+        now = time.monotonic()
+        for child in self._children:
+            proc = child.process
+            if proc is not None and proc.poll() is not None:
+                ran_for = now - child.started_at
+                child.backoff_s = self.backoff.next_delay(child.backoff_s, ran_for)
+                child.next_start_at = now + child.backoff_s
+                log.warning(
+                    "process_exited", process=child.spec.name, returncode=proc.returncode,
+                    ran_s=round(ran_for, 2), restart_in_s=child.backoff_s,
+                )
+                child.process = None
+            if child.process is None and now >= child.next_start_at:
+                child.restarts += 1
+                self._start(child)
+
+    def _shutdown(self) -> None:
+        for stage in sorted({c.spec.stage for c in self._children}):
+            group = [c for c in self._children if c.spec.stage == stage]
+            for child in group:
+                if child.process is not None and child.process.poll() is None:
+                    child.process.send_signal(signal.SIGTERM)
+            for child in group:
+                self._wait_or_kill(child)
+        log.info("line_stopped", restarts=self.restarts)
+
+    def _wait_or_kill(self, child: _Child) -> None:
+        if child.process is None:
+            return
+        try:
+            child.process.wait(timeout=child.spec.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            log.error("process_kill", process=child.spec.name, reason="stop_timeout")
+            child.process.kill()
+            child.process.wait()
+        log.info("process_stopped", process=child.spec.name, returncode=child.process.returncode)

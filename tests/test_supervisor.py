@@ -1,0 +1,76 @@
+"""The supervisor with real child processes: restart on crash, ordered shutdown."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+from linewatch.runtime.supervisor import BackoffPolicy, ProcessSpec, Supervisor
+
+CRASHER = "import sys; sys.exit(3)"
+# Writes its stop order to a file when SIGTERM arrives, so the test can check the sequence.
+SLEEPER = """
+import signal, sys, time
+def stop(*_):
+    with open(sys.argv[1], "a") as f:
+        f.write(sys.argv[2] + "\\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+open(sys.argv[1] + "." + sys.argv[2], "w").close()
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _wait_for(predicate, timeout_s: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_backoff_doubles_and_resets() -> None:
+    policy = BackoffPolicy(initial_s=0.5, maximum_s=4.0, stable_after_s=60.0)
+    assert policy.next_delay(0.0, 1.0) == 0.5
+    assert policy.next_delay(0.5, 1.0) == 1.0
+    assert policy.next_delay(4.0, 1.0) == 4.0
+    assert policy.next_delay(4.0, 61.0) == 0.5
+
+
+def test_crashing_process_is_restarted(tmp_path: Path) -> None:
+    sup = Supervisor(
+        [ProcessSpec("crasher", (sys.executable, "-c", CRASHER), stage=0)],
+        backoff=BackoffPolicy(initial_s=0.01, maximum_s=0.02),
+        poll_s=0.02,
+    )
+    thread = threading.Thread(target=sup.run)
+    thread.start()
+    try:
+        assert _wait_for(lambda: sup.restarts["crasher"] >= 3)
+    finally:
+        sup.stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_shutdown_stops_stages_in_order(tmp_path: Path) -> None:
+    order = tmp_path / "order"
+    specs = [
+        ProcessSpec(name, (sys.executable, "-c", SLEEPER, str(order), name), stage=stage)
+        for name, stage in [("decide", 3), ("acquire", 0), ("worker", 2), ("dispatch", 1)]
+    ]
+    sup = Supervisor(specs, poll_s=0.02)
+    thread = threading.Thread(target=sup.run)
+    thread.start()
+    try:
+        names = [s.name for s in specs]
+        assert _wait_for(lambda: all(Path(f"{order}.{n}").exists() for n in names))
+    finally:
+        sup.stop()
+        thread.join(timeout=60)
+    assert order.read_text().split() == ["acquire", "dispatch", "worker", "decide"]
+    assert sup.running() == dict.fromkeys(["decide", "acquire", "worker", "dispatch"])
