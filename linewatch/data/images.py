@@ -23,11 +23,15 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
 
 def is_image_file(path: Path) -> bool:
-    """True for a visible regular file whose suffix is an image format we read."""
+    """True for a visible, non-folder entry whose suffix is an image format we read.
+
+    A dangling symlink counts, so that reading it reports the missing file
+    instead of the image silently dropping out of a data set.
+    """
     return (
         path.suffix.lower() in IMAGE_SUFFIXES
         and not path.name.startswith(".")
-        and path.is_file()
+        and not path.is_dir()
     )
 
 
