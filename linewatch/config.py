@@ -103,7 +103,19 @@ class TransportConfig(_Strict):
     workers_endpoint: str = "tcp://127.0.0.1:5556"
     results_endpoint: str = "tcp://127.0.0.1:5557"
     heartbeat_ms: int = Field(1000, ge=10)
+    liveness: int = Field(
+        3, ge=2, le=20, description="heartbeats a worker may miss before it is declared dead"
+    )
     high_water_mark: int = Field(1000, ge=1)
+    linger_ms: int = Field(
+        1000, ge=0, le=60_000, description="how long a closing socket may flush unsent messages"
+    )
+    worker_credit: int | None = Field(
+        None, ge=1, description="frames a worker may hold at once; default 2 x workers.max_batch"
+    )
+    dispatch_queue: int = Field(
+        256, ge=1, description="frames the dispatcher holds while no worker has credit"
+    )
     curve: CurveConfig = CurveConfig()
 
     @model_validator(mode="after")
@@ -112,6 +124,13 @@ class TransportConfig(_Strict):
         if exposed and not self.curve.enabled:
             raise ValueError(
                 f"endpoint {exposed[0]} is not on 127.0.0.1/ipc; set transport.curve.enabled = true"
+            )
+        if self.worker_credit is not None and self.worker_credit > self.high_water_mark:
+            # The dispatcher never queues more than a worker's credit on its socket, so a
+            # credit above the socket's high-water mark would make sends fail, not wait.
+            raise ValueError(
+                f"worker_credit {self.worker_credit} exceeds high_water_mark "
+                f"{self.high_water_mark}"
             )
         return self
 
