@@ -200,6 +200,13 @@ class DecisionConfig(_Strict):
     heatmaps: Literal["redis", "disk", "off"] = "redis"
     heatmap_ttl_s: int = Field(3600, ge=1)
     heatmap_dir: Path = Path("heatmaps")
+    max_regions: int = Field(
+        32, ge=0, description="defect regions written per frame at most (highest scores first)"
+    )
+    max_gap_frames: int = Field(
+        10_000, ge=1, description="missed-frame verdicts written per gap notice at most"
+    )
+    tick_ms: float = Field(20.0, gt=0, description="how often deadlines are checked")
 
 
 class RedisConfig(_Strict):
@@ -215,6 +222,17 @@ class RedisConfig(_Strict):
     verdicts_maxlen: int = Field(1_000_000, ge=1000)
     spool_dir: Path = Path("spool")
     spool_max_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    defects_maxlen: int = Field(1_000_000, ge=1000)
+    rejects_maxlen: int = Field(1_000_000, ge=1000)
+    alarms_maxlen: int = Field(100_000, ge=1000)
+    dedupe_ttl_s: int = Field(
+        86_400, ge=60, description="how long a written frame id is remembered against duplicates"
+    )
+    socket_timeout_s: float = Field(2.0, gt=0, description="connect and command timeout")
+    retries: int = Field(2, ge=0, description="retries of a failed command before spooling")
+    retry_interval_s: float = Field(
+        1.0, gt=0, description="while Redis is away, how often writing to it is tried again"
+    )
 
 
 class LoggingConfig(_Strict):

@@ -1,0 +1,1 @@
+"""Redis streams of a line: record types, the embedded server, the client and the writer."""
