@@ -46,10 +46,14 @@ class GenicamSource(_Strict):
     user_defined_name: str | None = Field(None, description="select by user-defined name")
     pixel_format: str | None = Field(None, description="set PixelFormat on the camera, e.g. Mono8")
     trigger_mode: Literal["off", "software", "hardware"] = "off"
+    trigger_source: str = Field("Line0", description="TriggerSource for trigger_mode hardware")
     exposure_us: float | None = Field(None, gt=0)
     num_buffers: int = Field(8, ge=1, le=256)
     fetch_timeout_s: float = Field(2.0, gt=0)
     reconnect_interval_s: float = Field(2.0, gt=0)
+    part_id_chunk: str | None = Field(
+        None, description="chunk node holding the part id, e.g. ChunkPartId (default: seq)"
+    )
 
 
 class FolderSource(_Strict):
@@ -57,6 +61,9 @@ class FolderSource(_Strict):
 
     kind: Literal["folder"] = "folder"
     path: Path
+    split: str | None = Field(
+        None, description="replay <path>/<split> of an MVTec-layout data set, e.g. test"
+    )
     fps: float = Field(10.0, gt=0)
     loop: bool = False
 
