@@ -247,6 +247,64 @@ class LoggingConfig(_Strict):
     format: Literal["console", "json"] = "console"
 
 
+# --------------------------------------------------------------------------- consumers
+
+
+class ModbusConfig(_Strict):
+    """The reject gate's Modbus TCP server (a PLC): a coil pulsed once per rejected part."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(502, ge=1, le=65535)
+    unit: int = Field(1, ge=0, le=255, description="Modbus unit (device) id of the PLC")
+    coil: int = Field(0, ge=0, le=65535, description="coil pulsed for a reject (0-based)")
+    camera_coils: dict[str, int] = Field(
+        default_factory=dict, description="per-camera coil, where each camera has its own gate"
+    )
+    timeout_s: float = Field(1.0, gt=0, description="connect and request timeout")
+
+
+class PlcConfig(_Strict):
+    """``linewatch plc``: reads the rejects stream and signals the reject gate."""
+
+    group: str = Field("plc", min_length=1, description="Redis consumer group")
+    consumer: str | None = Field(
+        None, min_length=1, description="consumer name in the group (default: the host name)"
+    )
+    driver: Literal["log", "modbus"] = "log"
+    modbus: ModbusConfig = ModbusConfig()
+    pulse_ms: float = Field(200.0, gt=0, le=10_000, description="how long the coil stays on")
+    claim_idle_ms: int = Field(
+        5000, ge=100, description="take over rejects another consumer left pending this long"
+    )
+    claim_interval_s: float = Field(5.0, gt=0, description="how often to look for them")
+    stale_after_s: float = Field(
+        60.0, gt=0, description="a reject this far past its deadline is logged, not acted on"
+    )
+
+
+class AlarmsConfig(_Strict):
+    """``linewatch alarms``: watches verdicts and defects and raises operator alarms."""
+
+    group: str = Field("alarms", min_length=1, description="Redis consumer group")
+    consumer: str | None = Field(None, min_length=1, description="default: the host name")
+    cooldown_s: float = Field(300.0, ge=0, description="an alarm kind repeats at most this often")
+    reject_rate_window_s: float = Field(300.0, gt=0)
+    reject_rate_limit: float = Field(0.2, gt=0, le=1, description="share of rejects in the window")
+    reject_rate_min_parts: int = Field(20, ge=1, description="judge the rate from this many parts")
+    repeat_window_s: float = Field(600.0, gt=0)
+    repeat_radius_px: float = Field(20.0, gt=0, description="defect centres this close match")
+    repeat_count: int = Field(3, ge=2, description="parts with a defect at one place")
+    silence_s: float = Field(30.0, gt=0, description="a camera without verdicts this long is silent")
+    fail_safe_cooldown_s: float = Field(60.0, ge=0, description="between fail-safe alarms")
+    drift_reference_parts: int = Field(500, ge=20, description="passing scores kept as reference")
+    drift_recent_parts: int = Field(200, ge=20, description="recent passing scores compared")
+    drift_check_every: int = Field(50, ge=1, description="compare after this many new parts")
+    drift_ks_limit: float = Field(
+        0.3, gt=0, le=1, description="two-sample Kolmogorov-Smirnov statistic raising drift"
+    )
+    drift_p_limit: float = Field(0.01, gt=0, le=1, description="and its p-value below this")
+
+
 # --------------------------------------------------------------------------- line
 
 
@@ -261,6 +319,8 @@ class LineConfig(_Strict):
     decision: DecisionConfig = DecisionConfig()
     redis: RedisConfig = RedisConfig()
     logging: LoggingConfig = LoggingConfig()
+    plc: PlcConfig = PlcConfig()
+    alarms: AlarmsConfig = AlarmsConfig()
 
     @model_validator(mode="after")
     def _unique_camera_ids(self) -> LineConfig:
