@@ -1,0 +1,68 @@
+"""A camera that makes its frames with the synthetic data generator.
+
+Frame ``i`` depends only on ``(seed, i)``: the same configuration replays the same
+parts, defects included, whatever was read before (and after a restart).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from linewatch.acquisition.base import FrameSource, RawFrame, SourceItem
+from linewatch.config import SynthSource
+from linewatch.data.synth import DEFECTS, SURFACES, make_image
+from linewatch.errors import ConfigError
+from linewatch.log import get_logger
+
+
+class SynthCamera(FrameSource):
+    """Synthetic frames at ``cfg.fps`` (the caller paces reads); a defect in ``defect_ratio``."""
+
+    def __init__(self, cfg: SynthSource) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.pace_hz = cfg.fps
+        self.index = 0
+        """Index of the next frame."""
+        self.defects = 0
+        """Frames made with a defect so far."""
+        self._log = get_logger("acquisition.synth")
+
+    def open(self) -> None:
+        """Start again from frame 0; :class:`ConfigError` for an unknown surface."""
+        if self.cfg.surface not in SURFACES:
+            raise ConfigError(
+                f"synth source: unknown surface {self.cfg.surface!r} (one of {', '.join(SURFACES)})"
+            )
+        self.index = 0
+        self.defects = 0
+        self._log.info(
+            "synth_opened",
+            surface=self.cfg.surface,
+            size=self.cfg.size,
+            seed=self.cfg.seed,
+            frames=self.cfg.frames,
+        )
+
+    def read(self) -> SourceItem | None:
+        """The next synthetic frame; None after ``cfg.frames`` frames or once stopping."""
+        if self.stopping or (self.cfg.frames is not None and self.index >= self.cfg.frames):
+            return None
+        image, defect = self.make(self.index)
+        self.index += 1
+        self.defects += defect is not None
+        return RawFrame(image, time.time_ns(), None, None)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def make(self, index: int) -> tuple[np.ndarray, str | None]:
+        """Frame ``index`` and the defect drawn on it (None for a good part)."""
+        rng = np.random.default_rng([self.cfg.seed, index])
+        defect: str | None = None
+        if rng.random() < self.cfg.defect_ratio:
+            defect = str(DEFECTS[int(rng.integers(len(DEFECTS)))])
+        image, _mask = make_image(rng, self.cfg.surface, self.cfg.size, defect)
+        return image, defect

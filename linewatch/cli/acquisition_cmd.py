@@ -1,0 +1,66 @@
+"""``linewatch acquire CONFIG --camera ID`` and ``linewatch cameras CTI``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``acquire`` and ``cameras`` commands."""
+    acquire = subparsers.add_parser(
+        "acquire", help="acquire one camera and push its frames to the dispatcher"
+    )
+    acquire.add_argument("config", type=Path, help="line configuration (TOML)")
+    acquire.add_argument("--camera", required=True, help="id of the camera to acquire")
+    acquire.add_argument(
+        "--start-seq",
+        type=int,
+        default=0,
+        help="sequence number of the first frame (after a restart: the last one sent + 1)",
+    )
+    acquire.set_defaults(func=_acquire)
+    cameras = subparsers.add_parser("cameras", help="list the cameras a GenTL producer (.cti) sees")
+    cameras.add_argument(
+        "cti",
+        type=Path,
+        nargs="?",
+        help="GenTL producer file (default: the simulated viky.cti shipped with genicam)",
+    )
+    cameras.set_defaults(func=_cameras)
+
+
+def _acquire(args: argparse.Namespace) -> int:
+    # Imported here so that `linewatch --help` does not load ZeroMQ and OpenCV.
+    from linewatch.acquisition.process import (
+        AcquisitionProcess,
+        camera_config,
+        run_until_signalled,
+    )
+    from linewatch.config import load_config
+
+    config = load_config(args.config)
+    camera = camera_config(config, args.camera)
+    process = AcquisitionProcess(camera, config.transport, start_seq=args.start_seq)
+    stats = run_until_signalled(process)
+    print(
+        f"{camera.id}: {stats.frames} frames sent, {stats.missed} missed in {stats.gaps} gap(s), "
+        f"{stats.errors} error(s), next seq {process.next_seq}"
+    )
+    return 0
+
+
+def _cameras(args: argparse.Namespace) -> int:
+    from linewatch.acquisition.genicam import list_devices, viky_cti_path
+
+    cti = args.cti if args.cti is not None else viky_cti_path()
+    devices = list_devices(cti)
+    if not devices:
+        print(f"{cti}: no cameras found")
+        return 1
+    for d in devices:
+        print(
+            f"{d['id']}\tserial={d['serial_number'] or '-'}\t"
+            f"name={d['user_defined_name'] or '-'}\t{d['vendor']} {d['model']}"
+        )
+    return 0

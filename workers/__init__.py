@@ -1,0 +1,1 @@
+"""Entry points of the line's processes, one module per process (``python -m workers.<name>``)."""
