@@ -24,6 +24,7 @@ from __future__ import annotations
 import types
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -205,6 +206,24 @@ class AlarmRecord(StreamRecord):
     camera: str | None = Field(description="camera concerned; empty for the whole line")
     ts_ns: int = Field(description="time of the alarm, ns since epoch")
     details_json: str = Field("{}", description="further details as a JSON object")
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictBatch:
+    """Everything written for one frame, at once: its verdict, defects, reject and heatmaps.
+
+    ``heatmaps[i]`` (PNG bytes), when given, belongs to ``defects[i]``.
+    """
+
+    verdict: VerdictRecord
+    defects: tuple[DefectRecord, ...] = ()
+    reject: RejectRecord | None = None
+    heatmaps: tuple[bytes, ...] = field(default=(), repr=False)
+
+    @property
+    def frame_id(self) -> str:
+        """The frame the batch decides."""
+        return self.verdict.frame_id
 
 
 RECORD_TYPES: tuple[type[StreamRecord], ...] = (

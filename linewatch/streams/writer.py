@@ -1,0 +1,288 @@
+"""Writes a line's verdicts, defects, rejects, heatmaps and alarms to Redis streams.
+
+One frame's records are written by one Lua script, so they appear together or not
+at all, and only once: the script sets ``linewatch:<line>:done:<frame_id>`` (with a
+TTL) and refuses a frame whose key exists. A re-delivered result, a restarted
+decision service or a spool drained twice therefore never duplicates a verdict.
+
+When Redis cannot be reached the records go to the on-disk :class:`Spool` and are
+drained, in order, once Redis answers again; ``write_verdict`` never raises for an
+unreachable Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from linewatch.config import DecisionConfig, RedisConfig
+from linewatch.log import get_logger
+from linewatch.streams.records import (
+    AlarmRecord,
+    DefectRecord,
+    RejectRecord,
+    StreamKeys,
+    VerdictBatch,
+    VerdictRecord,
+)
+from linewatch.streams.spool import Spool, SpoolItem
+from linewatch.wire import FrameHeader
+
+log = get_logger("stream_writer")
+
+# KEYS: done, verdicts, defects, rejects, pending, heatmap keys...
+# ARGV: dedupe ttl, verdicts/defects/rejects maxlen, heatmap ttl, frame id, then the
+#       verdict, the defect count and each defect, the reject count (0/1) and the reject,
+#       each record as <n fields> k1 v1 ... kn vn; then one PNG per heatmap key.
+# The done key is set last, holding the verdict's entry id. Redis runs the script
+# atomically, so no other client sees a frame half written.
+_WRITE_FRAME_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HDEL', KEYS[5], ARGV[6])
+  return false
+end
+local i = 7
+local function take()
+  local n = tonumber(ARGV[i])
+  local fields = {}
+  for j = 1, 2 * n do fields[j] = ARGV[i + j] end
+  i = i + 2 * n + 1
+  return fields
+end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(take()))
+local n_defects = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, n_defects do
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', unpack(take()))
+end
+local n_rejects = tonumber(ARGV[i])
+i = i + 1
+if n_rejects == 1 then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', unpack(take()))
+end
+for k = 6, #KEYS do
+  redis.call('SET', KEYS[k], ARGV[i], 'EX', ARGV[5])
+  i = i + 1
+end
+redis.call('SET', KEYS[1], id, 'EX', ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[6])
+return id
+"""
+
+
+@dataclass
+class WriterCounters:
+    """Totals since the writer was made."""
+
+    written: int = 0
+    duplicates: int = 0
+    spooled: int = 0
+    refused: int = 0
+    drained: int = 0
+    alarms: int = 0
+    redis_errors: int = 0
+
+
+def _flat(fields: dict[str, str]) -> list[str]:
+    return [str(len(fields)), *(x for kv in fields.items() for x in kv)]
+
+
+class StreamWriter:
+    """Writes to the streams of line ``line``; spools to ``spool`` while Redis is away.
+
+    ``decision`` chooses where heatmaps go (``decision.heatmaps``); ``spool`` defaults
+    to ``<redis.spool_dir>/<line>``. Not thread-safe: one writer per thread.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        line: str,
+        cfg: RedisConfig,
+        decision: DecisionConfig | None = None,
+        spool: Spool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.keys = StreamKeys(line)
+        self.cfg = cfg
+        self.decision = decision or DecisionConfig()
+        self.spool = spool or Spool(cfg.spool_dir / line, cfg.spool_max_bytes)
+        self.counters = WriterCounters()
+        self._clock = clock
+        self._script = client.register_script(_WRITE_FRAME_LUA)
+        self._next_try = 0.0  # while records are spooled, Redis is tried again from then on
+
+    # ------------------------------------------------------------------ verdicts
+
+    def write_verdict(
+        self,
+        verdict: VerdictRecord,
+        defects: Sequence[DefectRecord] = (),
+        reject: RejectRecord | None = None,
+        heatmaps: Sequence[bytes] = (),
+    ) -> bool:
+        """Write one frame's records at once; ``heatmaps[i]`` (PNG) belongs to ``defects[i]``.
+
+        Sets each defect's ``heatmap_ref`` per ``decision.heatmaps``. True when the
+        records were written now or spooled; False when the frame was already written
+        (a duplicate) or a full spool refused it (logged as an error and counted).
+        """
+        if heatmaps and len(heatmaps) != len(defects):
+            raise ValueError(f"{len(heatmaps)} heatmaps for {len(defects)} defects")
+        batch = self._with_heatmaps(VerdictBatch(verdict, tuple(defects), reject, tuple(heatmaps)))
+        return self._write(batch)
+
+    def _with_heatmaps(self, batch: VerdictBatch) -> VerdictBatch:
+        mode = self.decision.heatmaps
+        if mode == "off" or not batch.heatmaps:
+            defects = tuple(d.model_copy(update={"heatmap_ref": None}) for d in batch.defects)
+            return VerdictBatch(batch.verdict, defects, batch.reject)
+        refs = [self._store_heatmap_file(d, png) if mode == "disk" else
+                self.keys.heatmap(d.frame_id, d.region)
+                for d, png in zip(batch.defects, batch.heatmaps, strict=True)]
+        defects = tuple(
+            d.model_copy(update={"heatmap_ref": ref})
+            for d, ref in zip(batch.defects, refs, strict=True)
+        )
+        # Files are already on disk; only Redis-bound heatmaps travel with the batch.
+        pngs = batch.heatmaps if mode == "redis" else ()
+        return VerdictBatch(batch.verdict, defects, batch.reject, pngs)
+
+    def _store_heatmap_file(self, defect: DefectRecord, png: bytes) -> str:
+        folder = self.decision.heatmap_dir / self.keys.line / defect.camera
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{defect.seq}_{defect.region}.png"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(png)
+        tmp.replace(path)  # readers never see half a file
+        return str(path)
+
+    # ------------------------------------------------------------------ alarms
+
+    def write_alarm(self, alarm: AlarmRecord) -> bool:
+        """Append an alarm (spooled while Redis is away); False only if the spool refused it."""
+        return self._write(alarm)
+
+    # ------------------------------------------------------------------ pending frames
+
+    def remember_pending(self, header: FrameHeader) -> None:
+        """Note an announced frame in Redis so that a restarted service still decides it."""
+        try:
+            self.client.hset(self.keys.pending, header.frame_id, header.model_dump_json())
+        except redis.RedisError as exc:
+            # Best effort: while Redis is away the in-memory tracker still has the frame.
+            self.counters.redis_errors += 1
+            log.debug("pending_not_saved", frame_id=header.frame_id, error=str(exc))
+
+    def load_pending(self) -> list[FrameHeader]:
+        """Frames announced to an earlier run and not decided yet (empty if Redis is away)."""
+        try:
+            raw: dict[bytes, bytes] = self.client.hgetall(self.keys.pending)  # type: ignore[assignment]
+        except redis.RedisError as exc:
+            self.counters.redis_errors += 1
+            log.warning("pending_not_loaded", error=str(exc))
+            return []
+        headers = []
+        for frame_id, text in raw.items():
+            try:
+                headers.append(FrameHeader.model_validate_json(text))
+            except ValueError as exc:
+                log.error("pending_entry_invalid", frame_id=frame_id.decode(), error=str(exc))
+        return sorted(headers, key=lambda h: h.deadline_ns)
+
+    # ------------------------------------------------------------------ redis or spool
+
+    def _write(self, item: SpoolItem) -> bool:
+        if self.spool and not self.flush(force=False):
+            return self._to_spool(item)
+        try:
+            written = self._write_redis(item)
+        except redis.RedisError as exc:
+            self._redis_failed(exc)
+            return self._to_spool(item)
+        return written
+
+    def flush(self, force: bool = True) -> bool:
+        """Drain the spool into Redis; True when it is empty afterwards.
+
+        Without ``force``, Redis is tried at most every ``redis.retry_interval_s``
+        while it is away, so a dead server does not slow every write down.
+        """
+        if not self.spool:
+            return True
+        if not force and self._clock() < self._next_try:
+            return False
+        try:
+            self.spool.drain(self)
+        except redis.RedisError as exc:
+            self._redis_failed(exc)
+            return False
+        log.info("redis_back", drained_total=self.counters.drained)
+        return True
+
+    def write_spooled(self, item: SpoolItem) -> None:
+        """Write one drained record to Redis; raises redis errors (the spool keeps its place)."""
+        self._write_redis(item)
+        self.counters.drained += 1
+
+    def _redis_failed(self, exc: redis.RedisError) -> None:
+        self.counters.redis_errors += 1
+        self._next_try = self._clock() + self.cfg.retry_interval_s
+        log.warning("redis_unavailable_spooling", error=str(exc), spool=str(self.spool.directory))
+
+    def _to_spool(self, item: SpoolItem) -> bool:
+        if self.spool.append([item]):
+            self.counters.spooled += 1
+            return True
+        self.counters.refused += 1
+        return False
+
+    def _write_redis(self, item: SpoolItem) -> bool:
+        if isinstance(item, AlarmRecord):
+            self.client.xadd(
+                self.keys.alarms,
+                item.to_fields(),  # type: ignore[arg-type]
+                maxlen=self.cfg.alarms_maxlen,
+                approximate=True,
+            )
+            self.counters.alarms += 1
+            return True
+        entry_id = self._script(keys=self._script_keys(item), args=self._script_args(item))
+        if entry_id is None:
+            self.counters.duplicates += 1
+            log.info("verdict_duplicate_ignored", frame_id=item.frame_id)
+            return False
+        self.counters.written += 1
+        return True
+
+    def _script_keys(self, batch: VerdictBatch) -> list[str]:
+        k = self.keys
+        with_png = batch.defects[: len(batch.heatmaps)]
+        heatmap_keys = [k.heatmap(d.frame_id, d.region) for d in with_png]
+        return [k.done(batch.frame_id), k.verdicts, k.defects, k.rejects, k.pending, *heatmap_keys]
+
+    def _script_args(self, batch: VerdictBatch) -> list[Any]:
+        cfg = self.cfg
+        args: list[Any] = [
+            cfg.dedupe_ttl_s,
+            cfg.verdicts_maxlen,
+            cfg.defects_maxlen,
+            cfg.rejects_maxlen,
+            self.decision.heatmap_ttl_s,
+            batch.frame_id,
+            *_flat(batch.verdict.to_fields()),
+            len(batch.defects),
+        ]
+        for defect in batch.defects:
+            args += _flat(defect.to_fields())
+        args.append(1 if batch.reject is not None else 0)
+        if batch.reject is not None:
+            args += _flat(batch.reject.to_fields())
+        args += batch.heatmaps
+        return args
+

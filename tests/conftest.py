@@ -1,0 +1,37 @@
+"""Shared fixtures: one real Redis server for the whole test session."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from linewatch.streams.server import EmbeddedRedis
+from linewatch.testing import redis_server as _redis_server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    """A real redis-server (embedded binary) on a free 127.0.0.1 port, for every test.
+
+    Tests share it, so each writes under its own line name (``line_name``). A test that
+    stops the server must start its own with :func:`linewatch.testing.redis_server`.
+    """
+    with _redis_server() as server:
+        yield server
+
+
+@pytest.fixture()
+def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
+    """A bytes client of the session server."""
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def line_name() -> str:
+    """A line name no other test uses, so stream keys never collide."""
+    return f"test-{uuid.uuid4().hex[:10]}"

@@ -1,0 +1,124 @@
+"""StreamWriter against a real Redis: atomic idempotent frame writes, heatmaps, trimming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+
+from linewatch.config import DecisionConfig, RedisConfig
+from linewatch.streams.records import (
+    AlarmRecord,
+    DefectRecord,
+    RejectRecord,
+    StreamKeys,
+    VerdictRecord,
+)
+from linewatch.streams.writer import StreamWriter
+from linewatch.testing import frame_header, read_records, sample_batch
+
+PNG = b"\x89PNG\r\n\x1a\n-test-"
+
+
+def _writer(
+    client: redis.Redis, line: str, tmp_path: Path, *, heatmaps: str = "redis", **redis_cfg: int
+) -> StreamWriter:
+    cfg = RedisConfig(spool_dir=tmp_path / "spool", **redis_cfg)
+    decision = DecisionConfig(heatmaps=heatmaps, heatmap_dir=tmp_path / "heat")
+    return StreamWriter(client, line, cfg, decision)
+
+
+def test_a_frame_is_written_once_however_often_it_is_sent(
+    redis_client: redis.Redis, line_name: str, tmp_path: Path
+) -> None:
+    writer = _writer(redis_client, line_name, tmp_path)
+    batch = sample_batch("cam0", 1, n_defects=2)
+
+    assert writer.write_verdict(batch.verdict, batch.defects, batch.reject) is True
+    assert writer.write_verdict(batch.verdict, batch.defects, batch.reject) is False
+    again = _writer(redis_client, line_name, tmp_path)  # e.g. a restarted service
+    assert again.write_verdict(batch.verdict, batch.defects, batch.reject) is False
+
+    assert read_records(redis_client, line_name, VerdictRecord) == [batch.verdict]
+    assert read_records(redis_client, line_name, RejectRecord) == [batch.reject]
+    assert len(read_records(redis_client, line_name, DefectRecord)) == 2
+    assert writer.counters.written == 1 and writer.counters.duplicates == 1
+    done = StreamKeys(line_name).done("cam0:1")
+    assert 0 < redis_client.ttl(done) <= RedisConfig().dedupe_ttl_s
+
+
+def test_a_pass_verdict_writes_no_reject(
+    redis_client: redis.Redis, line_name: str, tmp_path: Path
+) -> None:
+    writer = _writer(redis_client, line_name, tmp_path)
+    batch = sample_batch("cam0", 2, reject=False, n_defects=0)
+    assert writer.write_verdict(batch.verdict)
+    assert read_records(redis_client, line_name, VerdictRecord) == [batch.verdict]
+    assert read_records(redis_client, line_name, RejectRecord) == []
+
+
+def test_heatmaps_in_redis_expire_and_are_named_by_the_defect(
+    redis_client: redis.Redis, line_name: str, tmp_path: Path
+) -> None:
+    writer = _writer(redis_client, line_name, tmp_path, heatmaps="redis")
+    batch = sample_batch("cam0", 3, n_defects=2)
+    writer.write_verdict(batch.verdict, batch.defects, batch.reject, [PNG + b"0", PNG + b"1"])
+
+    defects = read_records(redis_client, line_name, DefectRecord)
+    refs = [d.heatmap_ref for d in defects]
+    assert refs == [StreamKeys(line_name).heatmap("cam0:3", i) for i in (0, 1)]
+    assert [redis_client.get(r) for r in refs if r] == [PNG + b"0", PNG + b"1"]
+    assert refs[0] is not None
+    assert 0 < redis_client.ttl(refs[0]) <= DecisionConfig().heatmap_ttl_s
+
+
+def test_heatmaps_on_disk_and_off(
+    redis_client: redis.Redis, line_name: str, tmp_path: Path
+) -> None:
+    on_disk = _writer(redis_client, line_name, tmp_path, heatmaps="disk")
+    batch = sample_batch("cam0", 4)
+    on_disk.write_verdict(batch.verdict, batch.defects, batch.reject, [PNG])
+    off = _writer(redis_client, line_name, tmp_path, heatmaps="off")
+    batch5 = sample_batch("cam0", 5)
+    off.write_verdict(batch5.verdict, batch5.defects, batch5.reject, [PNG])
+
+    disk_ref, off_ref = (d.heatmap_ref for d in read_records(redis_client, line_name, DefectRecord))
+    assert disk_ref is not None and Path(disk_ref).read_bytes() == PNG
+    assert off_ref is None
+    assert not redis_client.exists(StreamKeys(line_name).heatmap("cam0:4", 0))
+
+
+def test_streams_are_trimmed_approximately_to_maxlen(
+    redis_client: redis.Redis, line_name: str, tmp_path: Path
+) -> None:
+    writer = _writer(redis_client, line_name, tmp_path, verdicts_maxlen=1000)
+    for seq in range(2500):
+        batch = sample_batch("cam0", seq, reject=False, n_defects=0)
+        writer.write_verdict(batch.verdict)
+    length = redis_client.xlen(StreamKeys(line_name).verdicts)
+    # "~" trims whole radix-tree nodes (100 entries by default): never below maxlen.
+    assert 1000 <= length < 1200
+    last = read_records(redis_client, line_name, VerdictRecord)[-1]
+    assert last.seq == 2499
+
+
+def test_pending_frames_survive_until_their_verdict(
+    redis_client: redis.Redis, line_name: str, tmp_path: Path
+) -> None:
+    writer = _writer(redis_client, line_name, tmp_path)
+    headers = [frame_header("cam0", seq, deadline_ms=100 + seq) for seq in (7, 8)]
+    for header in headers:
+        writer.remember_pending(header)
+    assert _writer(redis_client, line_name, tmp_path).load_pending() == headers
+
+    batch = sample_batch("cam0", 7)
+    writer.write_verdict(batch.verdict, batch.defects, batch.reject)
+    assert writer.load_pending() == headers[1:]
+
+
+def test_alarms_are_appended(redis_client: redis.Redis, line_name: str, tmp_path: Path) -> None:
+    writer = _writer(redis_client, line_name, tmp_path)
+    alarm = AlarmRecord(kind="camera_lost", severity="critical", message="cam0: no frames",
+                        camera="cam0", ts_ns=1)
+    assert writer.write_alarm(alarm)
+    assert read_records(redis_client, line_name, AlarmRecord) == [alarm]
