@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import linewatch.data.corrupt
-
 from linewatch.data.corrupt import Corruption, apply_corruption, parse_corruption
 from linewatch.errors import DataError
 
