@@ -1,0 +1,78 @@
+"""Smoothing and connected-component regions on synthetic anomaly maps."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from linewatch.decision.postprocess import Region, find_regions, render_heatmap, smooth_maps
+
+
+def _two_blobs_and_a_speck() -> np.ndarray:
+    amap = np.zeros((64, 64), np.float32)
+    amap[5:15, 5:25] = 2.0   # 10 x 20 = 200 px
+    amap[8, 8] = 3.0         # its peak
+    amap[40:50, 40:46] = 1.5  # 10 x 6 = 60 px
+    amap[60, 2] = 9.0        # 1 px speck
+    return amap
+
+
+def test_two_blobs_make_two_regions_and_a_speck_is_dropped() -> None:
+    regions = find_regions(_two_blobs_and_a_speck(), threshold=1.0, min_area=4)
+    assert regions == [
+        Region(x=5, y=5, w=20, h=10, area=200, max_score=3.0, mean_score=(199 * 2 + 3) / 200),
+        Region(x=40, y=40, w=6, h=10, area=60, max_score=1.5, mean_score=1.5),
+    ]
+
+
+def test_min_area_keeps_the_speck_when_allowed() -> None:
+    regions = find_regions(_two_blobs_and_a_speck(), threshold=1.0, min_area=1)
+    assert [r.area for r in regions] == [1, 200, 60]  # highest max_score first
+
+
+def test_diagonal_neighbours_are_one_region() -> None:
+    amap = np.zeros((8, 8), np.float32)
+    for i in range(5):
+        amap[i, i] = 2.0
+    (region,) = find_regions(amap, threshold=1.0, min_area=1)
+    assert (region.x, region.y, region.w, region.h, region.area) == (0, 0, 5, 5, 5)
+
+
+def test_threshold_is_inclusive_and_nan_is_never_a_region() -> None:
+    amap = np.full((8, 8), np.nan, np.float32)
+    amap[2:4, 2:4] = 1.0
+    (region,) = find_regions(amap, threshold=1.0, min_area=1)
+    assert region.area == 4
+
+
+def test_smoothing_matches_a_gaussian_blur_per_map_and_keeps_the_batch() -> None:
+    maps = np.stack([_two_blobs_and_a_speck(), np.eye(64, dtype=np.float32)])
+    smoothed = smooth_maps(maps, sigma=2.0)
+    assert smoothed.shape == maps.shape and smoothed.dtype == np.float32
+    expected = cv2.GaussianBlur(maps[1], (0, 0), 2.0, borderType=cv2.BORDER_REFLECT)
+    np.testing.assert_allclose(smoothed[1], expected)
+    assert smoothed[0, 60, 2] < 9.0 / 4  # the speck is spread out
+    np.testing.assert_array_equal(smooth_maps(maps, 0.0), maps)
+    with pytest.raises(ValueError, match="B, H, W"):
+        smooth_maps(maps[0], 1.0)
+
+
+def test_smoothing_removes_the_speck_but_keeps_the_blobs() -> None:
+    smoothed = smooth_maps(_two_blobs_and_a_speck()[None], sigma=2.0)[0]
+    assert len(find_regions(smoothed, threshold=1.0, min_area=4)) == 2
+
+
+def test_scaled_region_maps_to_frame_pixels() -> None:
+    region = Region(x=10, y=4, w=6, h=3, area=15, max_score=2.0, mean_score=1.5)
+    assert region.scaled(2.0, 4.0, ox=100, oy=50) == Region(
+        x=120, y=66, w=12, h=12, area=120, max_score=2.0, mean_score=1.5
+    )
+
+
+def test_heatmap_is_a_colour_png_of_the_region_and_its_margin() -> None:
+    amap = _two_blobs_and_a_speck()
+    region = find_regions(amap, threshold=1.0, min_area=4)[1]
+    png = render_heatmap(amap, region, margin=3)
+    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert image is not None and image.shape == (10 + 6, 6 + 6, 3)
