@@ -182,6 +182,8 @@ def test_pixel_metrics_reject_bad_inputs() -> None:
         pixel_auroc(good, good)
     with pytest.raises(MetricInputError, match="shape"):
         pixel_auroc([np.ones((4, 4))], [np.ones((4, 5))])
+    with pytest.raises(MetricInputError, match="N x H x W stack"):
+        pixel_auroc(np.eye(4), np.eye(4))
     with pytest.raises(MetricInputError, match="2 masks but 1 maps"):
         aupro(np.ones((2, 4, 4)), np.ones((1, 4, 4)))
     mask = np.eye(4)

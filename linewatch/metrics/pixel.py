@@ -25,6 +25,12 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 def _pairs(masks: MapStack, maps: MapStack) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(defect mask as bool, map) per image, checked for shape, dtype and finiteness."""
+    for name, stack in (("masks", masks), ("maps", maps)):
+        if isinstance(stack, np.ndarray) and stack.ndim != 3:
+            raise MetricInputError(
+                f"{name} must be an N x H x W stack or a list of H x W arrays, "
+                f"got an array of shape {stack.shape}"
+            )
     if len(masks) != len(maps):
         raise MetricInputError(f"{len(masks)} masks but {len(maps)} maps")
     if len(masks) == 0:
@@ -74,13 +80,14 @@ def pixel_auroc(masks: MapStack, maps: MapStack) -> float:
             dtype, copy=False
         )
     )
-    # sum over the other class of (#smaller below + #smaller at or below); int64 is exact.
+    # For each pixel of the other class: (#sorted below it) + (#sorted at or below it),
+    # which is twice its count of pairs it wins, ties one half. Integers: exact.
     rank_sum = 0
     for m, a in _pairs(masks, maps):
         other = a[~m if sort_defects else m].astype(dtype, copy=False)
         rank_sum += int(np.searchsorted(small, other, side="left").sum(dtype=np.int64))
         rank_sum += int(np.searchsorted(small, other, side="right").sum(dtype=np.int64))
-    # U counts pairs (defect, good) ordered correctly, ties one half.
+    # U: (defect, good) pairs with the defect scored higher, ties one half.
     u = n_defect * n_good - rank_sum / 2 if sort_defects else rank_sum / 2
     return float(u / (n_defect * n_good))
 
