@@ -20,6 +20,7 @@ from linewatch.log import configure
 COMMAND_MODULES = (
     "linewatch.cli.config_cmd",
     "linewatch.cli.acquisition_cmd",
+    "linewatch.cli.data_cmd",
 )
 
 
