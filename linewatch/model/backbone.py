@@ -12,8 +12,9 @@ Levels are named by their stride so the scorer does not depend on block numberin
     fx.channels              # (24, 40, 112)
 
 Other backbones plug in through :func:`register_backbone`; other weights for a registered
-architecture through ``weights="path.pth"`` (or ``.safetensors``), loaded strictly and never
-unpickled.
+architecture through ``weights="path.pth"`` (or ``.safetensors``), loaded strictly; ``.pth``
+files go through ``torch.load(weights_only=True)``, which refuses anything but tensors and
+plain containers. (TorchScript files are not accepted: they are code, and deprecated.)
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ def _packaged_lite0_weights() -> Path:
 
 
 def load_state_dict_file(path: Path | str) -> dict[str, Tensor]:
-    """Read a state dict from ``.safetensors`` or a PyTorch file, never unpickling objects.
+    """Read a state dict from ``.safetensors`` or a PyTorch file, never unpickling code.
 
     A ``{"state_dict": {...}}`` wrapper (as training scripts often write) is unwrapped.
     """
