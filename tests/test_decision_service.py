@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +19,7 @@ import zmq
 from linewatch.config import LineConfig, validate_config
 from linewatch.decision.service import DecisionService
 from linewatch.streams.records import DefectRecord, RejectRecord, StreamKeys, VerdictRecord
+from linewatch.streams.server import EmbeddedRedis
 from linewatch.testing import frame_header, read_records, wait_until
 from linewatch.transport.codec import encode_message, encode_result
 from linewatch.wire import FrameAnnounce, FrameFailed, FrameHeader, GapNotice, ResultHeader
@@ -183,3 +187,36 @@ def test_a_restarted_service_decides_what_its_predecessor_held_and_nothing_twice
     assert (verdicts[5].reason, verdicts[5].fail_safe) == ("timeout", True)
     assert len(read_records(redis_client, line_name, VerdictRecord)) == 2
     assert not redis_client.exists(StreamKeys(line_name).pending)
+
+
+def test_the_decide_process_writes_verdicts_and_exits_cleanly_on_sigterm(
+    tmp_path: Path, redis_server: EmbeddedRedis, redis_client: redis.Redis, line_name: str
+) -> None:
+    config = tmp_path / "line.toml"
+    config.write_text(
+        f'line = "{line_name}"\n'
+        '[[cameras]]\nid = "cam0"\n[cameras.source]\nkind = "synth"\n'
+        f'[transport]\nresults_endpoint = "ipc://{tmp_path}/results"\n'
+        f'[redis]\nspool_dir = "{tmp_path}/spool"\n'
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workers.decide", str(config), "--redis-url", redis_server.url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    try:
+        push.connect(f"ipc://{tmp_path}/results")  # queued until the process binds
+        push.send_multipart(_result(frame_header("cam0", 0, deadline_ms=HOUR_MS), 2.0,
+                                    _defective_map()), copy=False)
+        (verdict,) = _verdicts(redis_client, line_name, 1).values()
+        assert verdict.verdict == "reject"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+        assert process.returncode == 0, stderr.decode()[-2000:]
+    finally:
+        push.close(linger=0)
+        ctx.term()
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "linewatch.cli.config_cmd",
     "linewatch.cli.acquisition_cmd",
     "linewatch.cli.data_cmd",
+    "linewatch.cli.decision_cmd",
 )
 
 

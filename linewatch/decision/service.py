@@ -35,6 +35,7 @@ from linewatch.config import LineConfig
 from linewatch.decision.postprocess import Region, find_regions, render_heatmap, smooth_maps
 from linewatch.decision.tracker import FrameTracker, MissedFrame
 from linewatch.log import get_logger
+from linewatch.streams.client import redis_client
 from linewatch.streams.records import (
     REASON_ANOMALY,
     REASON_BAD_RESULT,
@@ -406,3 +407,15 @@ def run_until_signalled(service: DecisionService) -> dict[str, int]:
             if handler is not None:  # None: installed outside Python, cannot be restored
                 signal.signal(sig, handler)
     return service.stats()
+
+
+def run_decision(cfg: LineConfig, redis_url: str | None = None) -> dict[str, int]:
+    """Run the decision service of ``cfg``'s line until SIGINT/SIGTERM; its final counters.
+
+    ``redis_url`` overrides ``redis.url`` (``linewatch run`` passes its embedded server's).
+    """
+    client = redis_client(cfg.redis, redis_url)
+    try:
+        return run_until_signalled(DecisionService(cfg, client))
+    finally:
+        client.close()
