@@ -8,7 +8,6 @@ import redis
 
 from linewatch.config import DecisionConfig, RedisConfig
 from linewatch.streams.records import (
-    AlarmRecord,
     DefectRecord,
     RejectRecord,
     StreamKeys,
@@ -114,11 +113,3 @@ def test_pending_frames_survive_until_their_verdict(
     batch = sample_batch("cam0", 7)
     writer.write_verdict(batch.verdict, batch.defects, batch.reject)
     assert writer.load_pending() == headers[1:]
-
-
-def test_alarms_are_appended(redis_client: redis.Redis, line_name: str, tmp_path: Path) -> None:
-    writer = _writer(redis_client, line_name, tmp_path)
-    alarm = AlarmRecord(kind="camera_lost", severity="critical", message="cam0: no frames",
-                        camera="cam0", ts_ns=1)
-    assert writer.write_alarm(alarm)
-    assert read_records(redis_client, line_name, AlarmRecord) == [alarm]

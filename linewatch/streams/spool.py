@@ -23,7 +23,6 @@ from typing import Any, Protocol
 
 from linewatch.log import get_logger
 from linewatch.streams.records import (
-    AlarmRecord,
     DefectRecord,
     RejectRecord,
     VerdictBatch,
@@ -32,7 +31,7 @@ from linewatch.streams.records import (
 
 log = get_logger("spool")
 
-SpoolItem = VerdictBatch | AlarmRecord
+SpoolItem = VerdictBatch
 
 _SEGMENT_GLOB = "segment-*.jsonl"
 _REFUSAL_LOG_EVERY = 100  # a full spool refuses every record; log the first and every 100th
@@ -199,25 +198,19 @@ def _fsync_dir(directory: Path) -> None:
 
 def encode_item(item: SpoolItem) -> str:
     """One spool line (JSON, no newline); records are kept as their flat stream fields."""
-    payload: dict[str, Any]
-    if isinstance(item, AlarmRecord):
-        payload = {"type": "alarm", "alarm": item.to_fields()}
-    else:
-        payload = {
-            "type": "verdict",
-            "verdict": item.verdict.to_fields(),
-            "defects": [d.to_fields() for d in item.defects],
-            "reject": item.reject.to_fields() if item.reject is not None else None,
-            "heatmaps": [base64.b64encode(h).decode("ascii") for h in item.heatmaps],
-        }
+    payload: dict[str, Any] = {
+        "type": "verdict",
+        "verdict": item.verdict.to_fields(),
+        "defects": [d.to_fields() for d in item.defects],
+        "reject": item.reject.to_fields() if item.reject is not None else None,
+        "heatmaps": [base64.b64encode(h).decode("ascii") for h in item.heatmaps],
+    }
     return json.dumps(payload, separators=(",", ":"))
 
 
 def decode_item(line: str | bytes) -> SpoolItem:
     """Parse one spool line; raises ValueError (or KeyError/TypeError) if it is not one."""
     payload = json.loads(line)
-    if payload["type"] == "alarm":
-        return AlarmRecord.from_fields(payload["alarm"])
     if payload["type"] != "verdict":
         raise ValueError(f"unknown spool item type {payload['type']!r}")
     reject = payload["reject"]

@@ -1,4 +1,4 @@
-"""Writes a line's verdicts, defects, rejects, heatmaps and alarms to Redis streams.
+"""Writes a line's verdicts, defects, rejects and heatmaps to Redis streams.
 
 One frame's records are written by one Lua script, so they appear together or not
 at all, and only once: the script sets ``linewatch:<line>:done:<frame_id>`` (with a
@@ -22,7 +22,6 @@ import redis
 from linewatch.config import DecisionConfig, RedisConfig
 from linewatch.log import get_logger
 from linewatch.streams.records import (
-    AlarmRecord,
     DefectRecord,
     RejectRecord,
     StreamKeys,
@@ -83,7 +82,6 @@ class WriterCounters:
     spooled: int = 0
     refused: int = 0
     drained: int = 0
-    alarms: int = 0
     redis_errors: int = 0
 
 
@@ -162,12 +160,6 @@ class StreamWriter:
         tmp.replace(path)  # readers never see half a file
         return str(path)
 
-    # ------------------------------------------------------------------ alarms
-
-    def write_alarm(self, alarm: AlarmRecord) -> bool:
-        """Append an alarm (spooled while Redis is away); False only if the spool refused it."""
-        return self._write(alarm)
-
     # ------------------------------------------------------------------ pending frames
 
     def remember_pending(self, header: FrameHeader) -> None:
@@ -243,15 +235,6 @@ class StreamWriter:
         return False
 
     def _write_redis(self, item: SpoolItem) -> bool:
-        if isinstance(item, AlarmRecord):
-            self.client.xadd(
-                self.keys.alarms,
-                item.to_fields(),  # type: ignore[arg-type]
-                maxlen=self.cfg.alarms_maxlen,
-                approximate=True,
-            )
-            self.counters.alarms += 1
-            return True
         entry_id = self._script(keys=self._script_keys(item), args=self._script_args(item))
         if entry_id is None:
             self.counters.duplicates += 1
