@@ -1,0 +1,47 @@
+"""Process lifecycle shared by every linewatch process: stop cleanly on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any, Protocol
+
+from linewatch.log import get_logger
+
+log = get_logger("lifecycle")
+
+
+class Stoppable(Protocol):
+    """A long-running loop: ``run`` until ``stop`` is called from a signal handler."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+    def run(self) -> Any: ...
+
+
+def run_until_signalled(loop: Stoppable) -> Any:
+    """Run ``loop``, stopping it cleanly on SIGINT or SIGTERM; returns what ``run`` returns.
+
+    A second signal while it stops raises KeyboardInterrupt, for a loop that hangs.
+    Handlers are installed only on the main thread and restored after.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return loop.run()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if loop.stopping:
+            raise KeyboardInterrupt
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        loop.stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return loop.run()
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: installed outside Python, cannot be restored
+                signal.signal(sig, handler)
