@@ -18,9 +18,10 @@ import zmq
 
 from linewatch.config import LineConfig, validate_config
 from linewatch.decision.service import DecisionService
+from linewatch.streams.client import redis_client as client_for
 from linewatch.streams.records import DefectRecord, RejectRecord, StreamKeys, VerdictRecord
 from linewatch.streams.server import EmbeddedRedis
-from linewatch.testing import frame_header, read_records, wait_until
+from linewatch.testing import frame_header, read_records, redis_server, wait_until
 from linewatch.transport.codec import encode_message, encode_result
 from linewatch.wire import FrameAnnounce, FrameFailed, FrameHeader, GapNotice, ResultHeader
 
@@ -220,3 +221,30 @@ def test_the_decide_process_writes_verdicts_and_exits_cleanly_on_sigterm(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_verdicts_decided_while_redis_is_down_arrive_once_it_is_back(
+    tmp_path: Path, line_name: str
+) -> None:
+    cfg = _config(tmp_path, line_name)
+    cfg = cfg.model_copy(update={"redis": cfg.redis.model_copy(
+        update={"retry_interval_s": 0.05, "retries": 0})})
+    with redis_server(tmp_path / "redis", aof=True) as server:
+        client = client_for(cfg.redis, server.url)
+        running = Running(DecisionService(cfg, client), cfg.transport.results_endpoint)
+        try:
+            server.stop()
+            for seq in range(5):
+                header = frame_header("cam0", seq, deadline_ms=HOUR_MS)
+                running.send(encode_message(FrameAnnounce(frame=header)))
+                running.send(_result(header, 2.0 if seq % 2 else 0.1, _defective_map()))
+            writer = running.service.writer
+            wait_until(lambda: writer.counters.spooled == 5, what="5 verdicts spooled")
+            server.start()
+            verdicts = _verdicts(client, line_name, 5)
+        finally:
+            running.close()
+        assert [verdicts[s].verdict for s in range(5)] == ["pass", "reject"] * 2 + ["pass"]
+        assert len(read_records(client, line_name, VerdictRecord)) == 5
+        assert not writer.spool
+        client.close()

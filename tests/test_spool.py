@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from linewatch.config import RedisConfig
-from linewatch.streams.client import redis_client
+from linewatch.streams.client import redis_client as client_for
 from linewatch.streams.records import RejectRecord, VerdictRecord
 from linewatch.streams.spool import Spool, SpoolItem
 from linewatch.streams.writer import StreamWriter
@@ -96,7 +96,7 @@ def test_outage_spools_then_drains_in_order_without_duplicates(
 ) -> None:
     cfg = RedisConfig(spool_dir=tmp_path / "spool", retry_interval_s=0.01, retries=0)
     with redis_server(tmp_path / "redis", aof=True) as server:
-        client = redis_client(cfg, server.url)
+        client = client_for(cfg, server.url)
         writer = StreamWriter(client, line_name, cfg)
         assert _write(writer, range(0, 5)) == [True] * 5
 

@@ -261,12 +261,13 @@ class DecisionService:
 
     def _write(self, batch: VerdictBatch) -> None:
         verdict = batch.verdict
+        if not self.writer.write_verdict(verdict, batch.defects, batch.reject, batch.heatmaps):
+            return  # written before (the writer counts it), or refused by a full spool (logged)
         if verdict.verdict == "reject":
             self.counters.rejects += 1
         else:
             self.counters.passes += 1
         self.counters.fail_safe += verdict.fail_safe
-        self.writer.write_verdict(verdict, batch.defects, batch.reject, batch.heatmaps)
 
     # ------------------------------------------------------------------ verdicts
 

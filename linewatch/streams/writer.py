@@ -163,7 +163,13 @@ class StreamWriter:
     # ------------------------------------------------------------------ pending frames
 
     def remember_pending(self, header: FrameHeader) -> None:
-        """Note an announced frame in Redis so that a restarted service still decides it."""
+        """Note an announced frame in Redis so that a restarted service still decides it.
+
+        Skipped while Redis is away, so that an outage costs one failed attempt per
+        ``redis.retry_interval_s`` rather than one per frame.
+        """
+        if self.redis_away:
+            return
         try:
             self.client.hset(self.keys.pending, header.frame_id, header.model_dump_json())
         except redis.RedisError as exc:
@@ -188,6 +194,11 @@ class StreamWriter:
         return sorted(headers, key=lambda h: h.deadline_ns)
 
     # ------------------------------------------------------------------ redis or spool
+
+    @property
+    def redis_away(self) -> bool:
+        """True while records wait in the spool or Redis failed within the retry interval."""
+        return bool(self.spool) or self._clock() < self._next_try
 
     def _write(self, item: SpoolItem) -> bool:
         if self.spool and not self.flush(force=False):
