@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import redis
+from pydantic import SecretStr
 
 from linewatch.config import DecisionConfig, RedisConfig
+from linewatch.errors import ConfigError
+from linewatch.streams.client import redis_client as make_client
 from linewatch.streams.records import (
     DefectRecord,
     RejectRecord,
     StreamKeys,
     VerdictRecord,
 )
+from linewatch.streams.server import EmbeddedRedis
 from linewatch.streams.writer import StreamWriter
 from linewatch.testing import frame_header, read_records, sample_batch
 
@@ -113,3 +118,31 @@ def test_pending_frames_survive_until_their_verdict(
     batch = sample_batch("cam0", 7)
     writer.write_verdict(batch.verdict, batch.defects, batch.reject)
     assert writer.load_pending() == headers[1:]
+
+
+def test_client_logs_in_with_the_configured_acl_user(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis, line_name: str, tmp_path: Path
+) -> None:
+    user = f"decide-{line_name}"
+    redis_client.acl_setuser(user, enabled=True, passwords=["+s3cret"],
+                             keys=[f"linewatch:{line_name}:*"], commands=["+@all"])
+    cfg = RedisConfig(username=user, password="s3cret", spool_dir=tmp_path / "spool")
+    client = make_client(cfg, redis_server.url)
+    batch = sample_batch("cam0", 1)
+    assert StreamWriter(client, line_name, cfg).write_verdict(batch.verdict)
+    denied = make_client(cfg.model_copy(update={"password": SecretStr("wrong")}), redis_server.url)
+    with pytest.raises(redis.AuthenticationError):
+        denied.ping()
+    client.close()
+
+
+def test_client_tls_settings_reach_redis_py() -> None:
+    cfg = RedisConfig(url="redis://db.example:6380/2", tls=True, tls_ca_certs=Path("ca.pem"),
+                      tls_certfile=Path("c.pem"), tls_keyfile=Path("c.key"))
+    pool = make_client(cfg).connection_pool
+    assert pool.connection_class is redis.SSLConnection
+    assert (pool.connection_kwargs["ssl_ca_certs"], pool.connection_kwargs["ssl_keyfile"]) == (
+        "ca.pem", "c.key"
+    )
+    with pytest.raises(ConfigError, match=r"redis\.url"):
+        make_client(RedisConfig())
