@@ -294,7 +294,7 @@ class AlarmsConfig(_Strict):
     repeat_window_s: float = Field(600.0, gt=0)
     repeat_radius_px: float = Field(20.0, gt=0, description="defect centres this close match")
     repeat_count: int = Field(3, ge=2, description="parts with a defect at one place")
-    silence_s: float = Field(30.0, gt=0, description="a camera without verdicts this long is silent")
+    silence_s: float = Field(30.0, gt=0, description="no verdict this long: camera silent")
     fail_safe_cooldown_s: float = Field(60.0, ge=0, description="between fail-safe alarms")
     drift_reference_parts: int = Field(500, ge=20, description="passing scores kept as reference")
     drift_recent_parts: int = Field(200, ge=20, description="recent passing scores compared")

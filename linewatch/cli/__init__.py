@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "linewatch.cli.acquisition_cmd",
     "linewatch.cli.data_cmd",
     "linewatch.cli.decision_cmd",
+    "linewatch.cli.consumers_cmd",
 )
 
 

@@ -2,10 +2,11 @@
 
 A consumer reads new entries (``XREADGROUP >``), handles each and acknowledges it
 (``XACK``). An entry read but never acknowledged — its consumer crashed, or handling
-failed — stays in the group's pending list. On start a consumer re-reads its own
-pending entries (same consumer name, so no wait), and every ``claim_interval`` it
-takes over entries any consumer has left pending for ``claim_idle_ms``
-(``XAUTOCLAIM``), its own failed ones included, so a failed entry is retried.
+failed — stays in the group's pending list. On start and after losing Redis a
+consumer re-reads its own pending entries (same consumer name, so no wait), and
+every ``claim_interval`` it takes over entries any consumer has left pending for
+``claim_idle_ms`` (``XAUTOCLAIM``), its own failed ones included, so a failed entry
+is retried.
 
 If the group is gone (a Redis restarted without persistence, a deleted stream) the
 reader creates it again and carries on.
@@ -204,10 +205,9 @@ class GroupReader:
 class GroupConsumer(ABC):
     """The loop of a stream consumer: join the group, recover what is pending, read, handle.
 
-    Subclasses implement :meth:`handle` (and acknowledge what they handled) and may
-    override :meth:`idle`, called once per round, e.g. for checks driven by the clock.
-    While Redis is unreachable the loop logs it and tries again every
-    ``retry_interval_s``; it never exits for that.
+    Subclasses implement :meth:`handle` (and acknowledge what they handled). While
+    Redis is unreachable the loop logs it and tries again every ``retry_interval_s``;
+    it never exits for that.
     """
 
     def __init__(
@@ -231,9 +231,6 @@ class GroupConsumer(ABC):
         """Handle one entry: acknowledge it when done, or leave it unacknowledged to have it
         retried (claimed again after ``claim_idle_ms``)."""
 
-    def idle(self) -> None:  # noqa: B027 - an optional hook, empty unless overridden
-        """Called once per round, after the entries read (if any) are handled."""
-
     def close(self) -> None:  # noqa: B027 - an optional hook, empty unless overridden
         """Release what the consumer holds; called once when :meth:`run` returns."""
 
@@ -256,6 +253,9 @@ class GroupConsumer(ABC):
                     self.poll()
                 except redis.RedisError as exc:
                     log.warning("redis_unavailable", error=str(exc), retry_s=self.retry_interval_s)
+                    # Join again: the group may be gone (Redis restarted empty), and the
+                    # rest of the interrupted batch is re-read, in order, as our own pending.
+                    self._joined = False
                     self._stop.wait(self.retry_interval_s)
         finally:
             self.close()
@@ -274,7 +274,6 @@ class GroupConsumer(ABC):
             self._next_claim = self._clock() + self.claim_interval_s
         if not self._stop.is_set():
             handled += self._handle_all(self.reader.read_new())
-        self.idle()
         return handled
 
     def _handle_all(self, entries: list[StreamEntry]) -> int:

@@ -5,12 +5,13 @@ at id 0 if missing, so no reject already written is skipped), signals the gate
 through an :class:`~linewatch.consumers.drivers.OutputDriver`, then acknowledges.
 
 Delivery is **at least once**. A reject is acknowledged only after the driver
-signalled it, so a crash between the signal and the acknowledgement signals that
-part again when the entry is re-read (restart under the same consumer name) or
-claimed by another consumer. A second pulse rejects a part twice or one more part;
-a lost pulse would pass a bad one, which is the failure a gate must not have. A
-reject whose signal failed stays pending and is retried when it is claimed again
-after ``plc.claim_idle_ms``.
+signalled it, so a crash of the process between the signal and the acknowledgement
+signals that part again when the entry is re-read (restart under the same consumer
+name) or claimed by another consumer. A second pulse rejects a part twice or one more
+part; a lost pulse would pass a bad one, which is the failure a gate must not have.
+(A failed acknowledgement alone signals nothing twice: the process remembers what
+it signalled until the acknowledgement goes through.) A reject whose signal failed
+stays pending and is retried when it is claimed again after ``plc.claim_idle_ms``.
 
 Late rejects: a reject read after its deadline is still signalled (fail-safe) and
 logged as ``reject_late`` with how late it is; one more than ``plc.stale_after_s``
@@ -84,6 +85,7 @@ class PlcConsumer(GroupConsumer):
         self.driver = driver
         self.stats = PlcStats()
         self._clock_ns = clock_ns
+        self._signalled_unacked: set[str] = set()
 
     def handle(self, entry: StreamEntry) -> None:
         """Signal one reject and acknowledge it; a failed signal leaves it pending."""
@@ -99,15 +101,19 @@ class PlcConsumer(GroupConsumer):
         if not self._due(reject):
             self.reader.ack([entry])
             return
-        try:
-            self.driver.act(reject)
-        except DriverError as exc:
-            log.error("reject_signal_failed", frame_id=reject.frame_id, entry=entry.id,
-                      error=str(exc), retry_after_ms=self.cfg.claim_idle_ms)
-            self.stats.failed += 1
-            return
+        if entry.id not in self._signalled_unacked:
+            try:
+                self.driver.act(reject)
+            except DriverError as exc:
+                log.error("reject_signal_failed", frame_id=reject.frame_id, entry=entry.id,
+                          error=str(exc), retry_after_ms=self.cfg.claim_idle_ms)
+                self.stats.failed += 1
+                return
+            self.stats.signalled += 1
+            # Until the ack is through: if Redis fails it, the re-read entry is not signalled twice.
+            self._signalled_unacked.add(entry.id)
         self.reader.ack([entry])
-        self.stats.signalled += 1
+        self._signalled_unacked.discard(entry.id)
 
     def _due(self, reject: RejectRecord) -> bool:
         """False for a stale reject (logged); logs a late one, which is still due."""
