@@ -9,7 +9,7 @@ import redis
 from pydantic import SecretStr
 
 from linewatch.config import DecisionConfig, RedisConfig
-from linewatch.errors import ConfigError
+from linewatch.errors import ConfigError, LinewatchError
 from linewatch.streams.client import redis_client as make_client
 from linewatch.streams.records import (
     DefectRecord,
@@ -146,3 +146,12 @@ def test_client_tls_settings_reach_redis_py() -> None:
     )
     with pytest.raises(ConfigError, match=r"redis\.url"):
         make_client(RedisConfig())
+
+
+def test_embedded_server_on_a_taken_port_fails_with_redis_own_reason(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    clash = EmbeddedRedis(tmp_path / "clash", port=redis_server.port, startup_timeout_s=5)
+    with pytest.raises(LinewatchError, match=r"did not start: .*(in use|bind)"):
+        clash.start()
+    assert not clash.running

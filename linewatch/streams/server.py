@@ -56,12 +56,14 @@ def find_redis_server() -> Path:
     )
 
 
-def _last_line(path: Path) -> str:
+def _log_errors(path: Path) -> str:
+    """Redis's last warnings (``# ...`` lines) from its log file, without pid and time."""
     try:
-        lines = path.read_text(errors="replace").strip().splitlines()
+        lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    return lines[-1] if lines else ""
+    warnings = [line.split(" # ", 1)[1] for line in lines if " # " in line]
+    return "; ".join(warnings[-2:])
 
 
 def _admin_client(port: int, timeout_s: float) -> redis.Redis:
@@ -154,8 +156,10 @@ class EmbeddedRedis:
         )
         if self._wait_for_ping():
             return None
+        code = self._process.poll()
         self._kill()
-        return _last_line(logfile) or "no answer to PING"
+        why = "no answer to PING" if code is None else f"{executable} exited with code {code}"
+        return _log_errors(logfile) or why
 
     def _wait_for_ping(self) -> bool:
         client = _admin_client(self.port, timeout_s=1.0)
@@ -163,13 +167,18 @@ class EmbeddedRedis:
             end = time.monotonic() + self.startup_timeout_s
             while time.monotonic() < end and self.running:
                 try:
-                    if client.ping():
+                    # Another server may own the port; only our own process counts.
+                    if client.info("server").get("process_id") == self._pid():
                         return True
                 except redis.ConnectionError:
-                    time.sleep(0.02)
+                    pass
+                time.sleep(0.02)
             return False
         finally:
             client.close()
+
+    def _pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the server (SHUTDOWN, or terminate, or kill); idempotent."""
