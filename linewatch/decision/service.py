@@ -159,7 +159,8 @@ class DecisionService:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         tick_s = self.cfg.decision.tick_ms / 1000
-        next_tick = next_stats = time.monotonic()
+        next_tick = time.monotonic()
+        next_stats = next_tick + _STATS_EVERY_S
         while not stopped():
             if poller.poll(timeout=max(1, round(self.cfg.decision.tick_ms))):
                 self._receive_available(sock, limit=_RECEIVE_BATCH)

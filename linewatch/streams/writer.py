@@ -175,6 +175,7 @@ class StreamWriter:
         except redis.RedisError as exc:
             # Best effort: while Redis is away the in-memory tracker still has the frame.
             self.counters.redis_errors += 1
+            self._next_try = self._clock() + self.cfg.retry_interval_s
             log.debug("pending_not_saved", frame_id=header.frame_id, error=str(exc))
 
     def load_pending(self) -> list[FrameHeader]:
