@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from linewatch.cli import main as cli_main
 from linewatch.config import ModbusConfig, PlcConfig, RedisConfig
-from linewatch.consumers.drivers import LogDriver, ModbusCoilDriver
+from linewatch.consumers.drivers import DriverError, LogDriver, ModbusCoilDriver
 from linewatch.consumers.group import GroupReader
 from linewatch.consumers.plc import PlcConsumer
 from linewatch.streams.records import RejectRecord, StreamKeys
@@ -281,3 +281,44 @@ def _delivered_and_acked(client: redis.Redis, stream: str) -> bool:
     last_id = client.xrevrange(stream, count=1)[0][0]  # type: ignore[index]
     return bool(group["last-delivered-id"] == last_id and group["pending"] == 0)
 
+
+
+def test_modbus_driver_reconnects_after_the_plc_restarted() -> None:
+    reject = sample_batch("cam0", 0).reject
+    assert reject is not None
+    first, second = CoilLog(), CoilLog()
+    port = free_port()
+    driver = ModbusCoilDriver(ModbusConfig(port=port, unit=UNIT, coil=2, timeout_s=0.5), 1.0)
+    with modbus_server(first, port):
+        driver.act(reject)
+    with modbus_server(second, port):
+        # The old connection is dead: an act may fail once, then one reconnects.
+        wait_until(lambda: _act(driver, reject), what="act on the restarted PLC")
+    driver.close()
+    assert first.snapshot() == [(2, True), (2, False)]
+    assert second.snapshot()[-2:] == [(2, True), (2, False)]
+
+
+def _act(driver: ModbusCoilDriver, reject: RejectRecord) -> bool:
+    try:
+        driver.act(reject)
+    except DriverError:
+        return False
+    return True
+
+
+def test_own_pending_entries_are_read_page_by_page(
+    redis_client: redis.Redis, line_name: str
+) -> None:
+    streams = [f"{line_name}:a", f"{line_name}:b"]
+    reader = GroupReader(redis_client, streams, "g", "c", count=2, block_ms=20)
+    reader.ensure_groups()
+    for i in range(5):
+        redis_client.xadd(streams[0], {"i": str(i)})
+    redis_client.xadd(streams[1], {"i": "b"})
+    delivered = reader.read_new() + reader.read_new()
+    assert len(delivered) == 5  # count applies per stream and call: 2 + 1, then 2
+    again = GroupReader(redis_client, streams, "g", "c", count=2, block_ms=20).read_own_pending()
+    assert sorted(again, key=lambda e: (e.stream, e.id)) == sorted(
+        delivered, key=lambda e: (e.stream, e.id)
+    )

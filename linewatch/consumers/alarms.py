@@ -26,8 +26,9 @@ Alarm kinds (``AlarmRecord.kind``), each per camera:
   because rejects are by definition outside the learnt distribution.
 
 Except for silence, which alarms once per silence, an alarm of a kind repeats for a
-camera at most once per ``cooldown_s``. Camera loss reported by acquisition is not
-repeated here: the decision service writes it to the alarms stream itself.
+camera at most once per ``cooldown_s``. Camera state changes that acquisition reports
+(``CameraStatus``) go to the decision service only and are in no stream, so a lost
+camera shows up here as ``camera_silent``.
 
 The consumer reads through the group ``alarms.group``, created at the end of the
 streams (``$``): a new group judges the line from now on, not its history. Rule
