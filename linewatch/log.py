@@ -41,5 +41,7 @@ def configure(level: str = "info", fmt: LogFormat = "console", process: str | No
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     """A logger bound to a component name (``component=<name>`` in every event)."""
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger().bind(component=name)
+    # Stay lazy: module-level loggers are created at import, before configure() runs,
+    # and must still follow the level, format and target configured later.
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(component=name)
     return logger
