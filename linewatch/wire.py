@@ -23,7 +23,8 @@ MapDType = Literal["float16", "uint8"]
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN/inf scores must cross the wire as themselves, so decision can reject them safely.
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
 
 class FrameHeader(_Wire):
