@@ -14,15 +14,13 @@ reader creates it again and carries on.
 
 from __future__ import annotations
 
-import signal
 import socket
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 import redis
 
@@ -284,38 +282,3 @@ class GroupConsumer(ABC):
             self.handle(entry)
             done += 1
         return done
-
-
-class Stoppable(Protocol):
-    """A long-running loop that :meth:`stop` asks to finish."""
-
-    def run(self) -> Any: ...
-
-    def stop(self) -> None: ...
-
-    @property
-    def stopping(self) -> bool: ...
-
-
-def run_until_signalled(loop: Stoppable) -> Any:
-    """Run ``loop``, stopping it cleanly on SIGINT or SIGTERM; returns what ``run`` returns.
-
-    A second signal while it stops raises KeyboardInterrupt, for a loop that hangs.
-    Handlers are installed only on the main thread and restored after.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return loop.run()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if loop.stopping:
-            raise KeyboardInterrupt
-        log.info("stop_requested", signal=signal.Signals(signum).name)
-        loop.stop()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return loop.run()
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:  # None: installed outside Python, cannot be restored
-                signal.signal(sig, handler)

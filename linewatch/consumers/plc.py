@@ -37,8 +37,8 @@ from linewatch.consumers.group import (
     StreamEntry,
     block_ms_for,
     consumer_name,
-    run_until_signalled,
 )
+from linewatch.lifecycle import run_until_signalled
 from linewatch.log import get_logger
 from linewatch.streams.client import redis_client
 from linewatch.streams.records import RejectRecord, StreamKeys

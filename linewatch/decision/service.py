@@ -20,12 +20,10 @@ id, so a result delivered again after a restart is not a second verdict.
 from __future__ import annotations
 
 import math
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from types import FrameType
 
 import numpy as np
 import redis
@@ -34,6 +32,7 @@ import zmq
 from linewatch.config import LineConfig
 from linewatch.decision.postprocess import Region, find_regions, render_heatmap, smooth_maps
 from linewatch.decision.tracker import FrameTracker, MissedFrame
+from linewatch.lifecycle import run_until_signalled
 from linewatch.log import get_logger
 from linewatch.streams.client import redis_client
 from linewatch.streams.records import (
@@ -386,31 +385,6 @@ class DecisionService:
         return VerdictBatch(verdict, reject=self._reject(verdict, deadline_ns))
 
 
-def run_until_signalled(service: DecisionService) -> dict[str, int]:
-    """Run ``service`` until SIGINT or SIGTERM, then stop it cleanly; its final counters.
-
-    A second signal while it stops raises KeyboardInterrupt. Handlers are installed
-    only on the main thread and restored afterwards.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        service.run()
-        return service.stats()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if service.stopping:
-            raise KeyboardInterrupt
-        service.stop()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        service.run()
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:  # None: installed outside Python, cannot be restored
-                signal.signal(sig, handler)
-    return service.stats()
-
-
 def run_decision(cfg: LineConfig, redis_url: str | None = None) -> dict[str, int]:
     """Run the decision service of ``cfg``'s line until SIGINT/SIGTERM; its final counters.
 
@@ -418,6 +392,8 @@ def run_decision(cfg: LineConfig, redis_url: str | None = None) -> dict[str, int
     """
     client = redis_client(cfg.redis, redis_url)
     try:
-        return run_until_signalled(DecisionService(cfg, client))
+        service = DecisionService(cfg, client)
+        run_until_signalled(service)
+        return service.stats()
     finally:
         client.close()
