@@ -251,7 +251,7 @@ def test_control_messages_round_trip_and_refuse_garbage() -> None:
     )
     assert control == DispatchFrame(epoch=2) and frame is not None
     np.testing.assert_array_equal(frame.pixels, pixels)
-    reset = DispatcherReset(reason="unknown_worker")
+    reset = DispatcherReset(epoch=1, reason="unknown_worker")
     assert decode_dispatch([encode_control(reset)]) == (reset, None)
     with pytest.raises(BadMessage) as info:
         decode_dispatch([encode_control(reset), b"extra"])

@@ -185,6 +185,7 @@ class DispatcherReset(_Control):
     """The dispatcher does not know this worker (declared dead, or restarted): re-register."""
 
     kind: Literal["reset"] = "reset"
+    epoch: int = Field(ge=0, description="the epoch of the message it answers")
     reason: str = Field(max_length=64)
 
 
