@@ -74,3 +74,19 @@ def test_shutdown_stops_stages_in_order(tmp_path: Path) -> None:
         thread.join(timeout=60)
     assert order.read_text().split() == ["acquire", "dispatch", "worker", "decide"]
     assert sup.running() == dict.fromkeys(["decide", "acquire", "worker", "dispatch"])
+
+
+def test_process_that_finishes_is_not_restarted() -> None:
+    sup = Supervisor(
+        [ProcessSpec("once", (sys.executable, "-c", "pass"), stage=0)],
+        backoff=BackoffPolicy(initial_s=0.01, maximum_s=0.02),
+        poll_s=0.02,
+    )
+    thread = threading.Thread(target=sup.run)
+    thread.start()
+    try:
+        assert _wait_for(lambda: sup.running() == {"once": None} and sup._children[0].finished)
+    finally:
+        sup.stop()
+        thread.join(timeout=30)
+    assert sup.restarts == {"once": 0}

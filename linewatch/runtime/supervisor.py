@@ -38,6 +38,7 @@ class ProcessSpec:
 class _Child:
     spec: ProcessSpec
     process: subprocess.Popen[bytes] | None = None
+    finished: bool = False
     started_at: float = 0.0
     restarts: int = 0
     next_start_at: float = 0.0
@@ -66,7 +67,11 @@ def linewatch_argv(*args: str) -> tuple[str, ...]:
 
 @dataclass
 class Supervisor:
-    """Runs :class:`ProcessSpec` children until :meth:`stop` is called."""
+    """Runs :class:`ProcessSpec` children until :meth:`stop` is called.
+
+    A child that exits non-zero (or is killed) is restarted after a back-off; one
+    that exits 0 has finished its work (a finite source) and stays down.
+    """
 
     specs: Sequence[ProcessSpec]
     env: Mapping[str, str] = field(default_factory=dict)
@@ -114,7 +119,11 @@ class Supervisor:
         now = time.monotonic()
         for child in self._children:
             proc = child.process
-            if proc is not None and proc.poll() is not None:
+            if proc is not None and proc.poll() == 0:
+                # A finite source (a folder replayed once) ends with 0: done, not crashed.
+                log.info("process_finished", process=child.spec.name)
+                child.process, child.finished = None, True
+            elif proc is not None and proc.poll() is not None:
                 ran_for = now - child.started_at
                 child.backoff_s = self.backoff.next_delay(child.backoff_s, ran_for)
                 child.next_start_at = now + child.backoff_s
@@ -123,7 +132,7 @@ class Supervisor:
                     ran_s=round(ran_for, 2), restart_in_s=child.backoff_s,
                 )
                 child.process = None
-            if child.process is None and now >= child.next_start_at:
+            if child.process is None and not child.finished and now >= child.next_start_at:
                 child.restarts += 1
                 self._start(child)
 
