@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "linewatch.cli.data_cmd",
     "linewatch.cli.decision_cmd",
     "linewatch.cli.consumers_cmd",
+    "linewatch.cli.transport_cmd",
 )
 
 

@@ -24,22 +24,22 @@ The load-balancing broker of the ZeroMQ guide with Paranoid Pirate heartbeats::
 - Frames whose deadline passes while queued fail as ``deadline_in_queue``.
 
 Everything happens in :meth:`Dispatcher.step`, single-threaded, so tests drive
-the dispatcher and its workers step by step without threads.
+the dispatcher and its workers step by step without threads; :func:`serve` is
+the whole process.
 """
 
 from __future__ import annotations
 
 import math
-import signal
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from types import FrameType
 
 import zmq
 
 from linewatch.config import TransportConfig
+from linewatch.lifecycle import run_until_signalled
 from linewatch.log import get_logger
 from linewatch.transport.codec import (
     BadMessage,
@@ -148,6 +148,7 @@ class Dispatcher:
         self._notices: deque[list[bytes]] = deque()
         self._workers: dict[bytes, _Worker] = {}
         self._sent_count = 0
+        self._stop = threading.Event()
         now = time.monotonic()
         self._next_heartbeat = now + self._heartbeat_s
         self._next_stats = now + stats_interval_s
@@ -190,14 +191,25 @@ class Dispatcher:
             for w in self._workers.values()
         ]
 
-    def run(self, stop: threading.Event, drain_timeout_s: float = 5.0) -> None:
-        """Dispatch until ``stop`` is set, then drain (bounded) and close the sockets."""
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was asked for."""
+        return self._stop.is_set()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to drain and return (safe from a signal handler or thread)."""
+        self._stop.set()
+
+    def run(self, stop: threading.Event | None = None, drain_timeout_s: float = 5.0) -> None:
+        """Dispatch until ``stop`` (or :meth:`stop`) is set, then drain and close the sockets."""
+        if stop is not None:
+            self._stop = stop
         log.info(
             "dispatcher_started", frames=self.frames_endpoint, workers=self.workers_endpoint,
             decision=self.cfg.results_endpoint, curve=self.cfg.curve.enabled,
         )
         try:
-            while not stop.is_set():
+            while not self._stop.is_set():
                 self.step()
             self.drain(drain_timeout_s)
         finally:
@@ -471,30 +483,10 @@ class Dispatcher:
                 self._lose_worker(worker, "disconnected")
 
 
-def serve(cfg: TransportConfig, stop: threading.Event | None = None) -> DispatchStats:
-    """The dispatcher process: dispatch until SIGINT/SIGTERM (or ``stop``), then drain.
 
-    A second signal while it drains raises KeyboardInterrupt. Signal handlers are
-    installed only on the main thread, and restored after.
-    """
-    stop = threading.Event() if stop is None else stop
+def serve(cfg: TransportConfig) -> DispatchStats:
+    """The dispatcher process: dispatch until SIGINT/SIGTERM, then drain and close."""
     with transport_context(cfg) as ctx:
         dispatcher = Dispatcher(cfg, ctx)
-        if threading.current_thread() is not threading.main_thread():
-            dispatcher.run(stop)
-            return dispatcher.stats
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            if stop.is_set():
-                raise KeyboardInterrupt
-            log.info("stop_requested", signal=signal.Signals(signum).name)
-            stop.set()
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            dispatcher.run(stop)
-        finally:
-            for sig, handler in previous.items():
-                if handler is not None:  # None: installed outside Python, cannot be restored
-                    signal.signal(sig, handler)
+        run_until_signalled(dispatcher)
     return dispatcher.stats
