@@ -23,6 +23,7 @@ from linewatch.transport.codec import (
     DispatchFrame,
     WorkerDone,
     WorkerReady,
+    decode_camera_message,
     decode_decision_message,
     decode_dispatch,
     decode_frame,
@@ -312,3 +313,22 @@ def test_decode_frame_fuzz_raises_only_wire_error(message: tuple[bytes, bytes]) 
 def test_decode_decision_message_fuzz_raises_only_wire_error(parts: list[bytes]) -> None:
     with contextlib.suppress(WireError):
         decode_decision_message(parts)
+
+
+def test_camera_channel_carries_frames_gaps_and_camera_status() -> None:
+    pixels = np.ones((4, 6), np.uint8)
+    message = decode_camera_message([bytes(p) for p in encode_frame(frame_header(), pixels)])
+    assert not isinstance(message, GapNotice | CameraStatus)
+    assert message.header == frame_header()
+    gap = GapNotice(camera="cam0", first_seq=3, last_seq=5, ts_detected_ns=1, deadline_ns=2)
+    status = CameraStatus(camera="cam0", state="reconnected", ts_ns=1)
+    assert decode_camera_message(encode_message(gap)) == gap
+    assert decode_camera_message(encode_message(status)) == status
+    for parts, reason in [
+        (encode_message(FrameAnnounce(frame=frame_header())), "wrong_kind"),
+        ([*encode_message(gap), b"x"], "extra_part"),
+        ([good_frame_parts()[0]], "missing_part"),
+    ]:
+        with pytest.raises(BadMessage) as info:
+            decode_camera_message(parts)
+        assert info.value.reason == reason

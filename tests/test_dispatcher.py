@@ -27,14 +27,17 @@ from linewatch.transport.codec import (
     BadMessage,
     decode_decision_message,
     encode_frame,
+    encode_message,
 )
 from linewatch.transport.dispatcher import Dispatcher
 from linewatch.transport.sockets import Context, Socket, make_socket, transport_context
 from linewatch.transport.worker_link import WorkerLink
 from linewatch.wire import (
+    CameraStatus,
     FrameAnnounce,
     FrameFailed,
     FrameHeader,
+    GapNotice,
     ResultHeader,
 )
 
@@ -88,6 +91,7 @@ class Decision:
 
     sock: Socket
     announced: list[str] = field(default_factory=list)
+    notices: list[GapNotice | CameraStatus] = field(default_factory=list)
     outcomes: dict[str, list[ResultHeader | FrameFailed]] = field(default_factory=dict)
 
     def read(self, timeout_ms: int = 0) -> None:
@@ -103,6 +107,8 @@ class Decision:
                 self.announced.append(message.frame.frame_id)
             elif isinstance(message, ResultHeader | FrameFailed):
                 self.outcomes.setdefault(message.frame.frame_id, []).append(message)
+            else:
+                self.notices.append(message)
             if isinstance(message, ResultHeader):  # the worker sent the frame's own pixels
                 assert amap is not None and amap[0, 0] == message.frame.seq % 256
 
@@ -360,6 +366,30 @@ def test_bad_messages_are_counted_and_skipped(
         "bad_json": 1, "wrong_version": 1, "bad_control": 1, "extra_part": 1,
     }
     assert_each_frame_ends_once(decision, sent)
+    dispatcher.close()
+
+
+def test_gap_and_camera_notices_go_on_to_decision_in_order(
+    ctx: Context, tmp_path: Path, decision: Decision
+) -> None:
+    cfg = transport(tmp_path)
+    dispatcher = Dispatcher(cfg, ctx)
+    camera = Camera(ctx, cfg)
+    gap = GapNotice(camera="cam0", first_seq=0, last_seq=1, ts_detected_ns=1, deadline_ns=2)
+    status = CameraStatus(camera="cam0", state="lost", detail="cable", ts_ns=3)
+    camera.sock.send_multipart(encode_message(gap))
+    camera.seq = 2
+    frame_id = camera.send()
+    camera.sock.send_multipart(encode_message(status))
+
+    def turn() -> None:
+        dispatcher.step(5)
+        decision.read()
+
+    until(lambda: len(decision.notices) == 2, turn, "both notices")
+    assert decision.notices == [gap, status]
+    assert decision.announced == [frame_id]
+    assert dispatcher.stats.notices == 2 and dispatcher.stats.frames_in == 1
     dispatcher.close()
 
 

@@ -9,7 +9,8 @@ sender, so every decoder either returns a validated value or raises
 
 Multipart layouts::
 
-    frame                      [FrameHeader JSON, pixels]
+    frame                      [FrameHeader JSON, pixels]   (with gap / camera status
+                                                             notices on the frames channel)
     result                     [ResultHeader JSON, anomaly map]
     notice                     [FrameAnnounce | FrameFailed | GapNotice | CameraStatus JSON]
     dispatcher -> worker       [control JSON, FrameHeader JSON, pixels] or [control JSON]
@@ -89,6 +90,21 @@ def decode_frame(parts: Sequence[Part]) -> Frame:
     _expect_parts(parts, 2, "frame")
     header = _validate(FrameHeader, _header_object(parts[0], {"frame"}))
     return Frame(header, _array_from(parts[1], header.dtype, header.shape, "pixels"))
+
+
+def decode_camera_message(parts: Sequence[Part]) -> Frame | GapNotice | CameraStatus:
+    """Anything acquisition sends on the frames channel: a frame, a gap or a camera status."""
+    if not parts:
+        raise BadMessage("missing_part", "empty message")
+    obj = _header_object(parts[0], {"frame", "gap", "camera_status"})
+    if obj["kind"] == "frame":
+        _expect_parts(parts, 2, "frame")
+        header = _validate(FrameHeader, obj)
+        return Frame(header, _array_from(parts[1], header.dtype, header.shape, "pixels"))
+    _expect_parts(parts, 1, str(obj["kind"]))
+    if obj["kind"] == "gap":
+        return _validate(GapNotice, obj)
+    return _validate(CameraStatus, obj)
 
 
 def encode_result(header: ResultHeader, amap: np.ndarray) -> list[bytes | memoryview]:

@@ -15,7 +15,8 @@ The load-balancing broker of the ZeroMQ guide with Paranoid Pirate heartbeats::
   cameras, their sockets fill up to the high-water mark, and acquisition counts
   the frames it cannot send (they become gaps). Backpressure, never unbounded memory.
 - Every frame received is announced to the decision service, which then owns its
-  deadline: a verdict by then, or a fail-safe reject.
+  deadline: a verdict by then, or a fail-safe reject. Gap and camera-status
+  notices from acquisition go on to decision as they are.
 - A worker silent for longer than a heartbeat (plus grace) gets no new frames;
   after ``heartbeat_ms * liveness`` it is declared dead, and the frames it held
   go to another worker if their deadline allows, else fail as ``worker_lost``.
@@ -51,7 +52,7 @@ from linewatch.transport.codec import (
     WorkerDone,
     WorkerHeartbeat,
     WorkerReady,
-    decode_frame,
+    decode_camera_message,
     decode_worker_message,
     encode_control,
     encode_message,
@@ -126,6 +127,7 @@ class DispatchStats:
     """Frame counts since start; logged as ``dispatcher_stats``."""
 
     frames_in: int = 0
+    notices: int = 0
     frames_out: int = 0
     redispatched: int = 0
     done: int = 0
@@ -263,10 +265,11 @@ class Dispatcher:
         """Log the counters, the queue and the workers once."""
         s = self.stats
         log.info(
-            "dispatcher_stats", frames_in=s.frames_in, frames_out=s.frames_out,
-            redispatched=s.redispatched, done=s.done, failed=dict(s.failed),
-            workers_lost=s.workers_lost, queued=len(self._queue), in_flight=self._in_flight(),
-            workers=len(self._workers), bad_messages=dict(self.bad_messages.counts),
+            "dispatcher_stats", frames_in=s.frames_in, notices=s.notices,
+            frames_out=s.frames_out, redispatched=s.redispatched, done=s.done,
+            failed=dict(s.failed), workers_lost=s.workers_lost, queued=len(self._queue),
+            in_flight=self._in_flight(), workers=len(self._workers),
+            bad_messages=dict(self.bad_messages.counts),
         )
 
     # ------------------------------------------------------------------ receiving
@@ -291,13 +294,17 @@ class Dispatcher:
             except zmq.Again:
                 return
             try:
-                frame = decode_frame(parts)
+                message = decode_camera_message(parts)
             except BadMessage as exc:
                 self.bad_messages.record(exc)
                 continue
+            if not isinstance(message, Frame):  # gap or camera status: decision's business
+                self.stats.notices += 1
+                self._notify(message)
+                continue
             self.stats.frames_in += 1
-            self._notify(FrameAnnounce(frame=frame.header))
-            self._queue.append(_Queued(frame, parts))
+            self._notify(FrameAnnounce(frame=message.header))
+            self._queue.append(_Queued(message, parts))
 
     def _read_workers(self) -> None:
         for _ in range(CONTROLS_PER_STEP):
@@ -435,16 +442,21 @@ class Dispatcher:
             self._fail(self._queue.popleft().header, "dispatcher_stopped")
         for _ in range(self.cfg.high_water_mark):  # at most a socket's worth is waiting
             try:
-                parts = self._frames.recv_multipart(zmq.NOBLOCK, copy=False)
-                header = decode_frame(parts).header
+                message = decode_camera_message(
+                    self._frames.recv_multipart(zmq.NOBLOCK, copy=False)
+                )
             except zmq.Again:
                 return
             except BadMessage as exc:
                 self.bad_messages.record(exc)
                 continue
+            if not isinstance(message, Frame):
+                self.stats.notices += 1
+                self._notify(message)
+                continue
             self.stats.frames_in += 1
-            self._notify(FrameAnnounce(frame=header))
-            self._fail(header, "dispatcher_stopped")
+            self._notify(FrameAnnounce(frame=message.header))
+            self._fail(message.header, "dispatcher_stopped")
 
     def _in_flight(self) -> int:
         return sum(len(w.in_flight) for w in self._workers.values())
