@@ -40,6 +40,7 @@ from linewatch.wire import (
     GapNotice,
     ResultHeader,
 )
+from workers.dispatch import main as dispatch_main
 
 WAIT_S = 15.0  # upper bound of any wait; tests normally finish far sooner
 
@@ -229,14 +230,15 @@ def test_two_worker_threads_each_frame_ends_exactly_once(
 def test_stalled_worker_gets_no_new_frames_and_its_frames_move_on(
     ctx: Context, tmp_path: Path, decision: Decision
 ) -> None:
-    # Dead after 3 x 100 ms of silence; "short" frames are due 250 ms after acquisition.
-    cfg = transport(tmp_path, heartbeat_ms=100, liveness=3)
+    # Passed over after 150 ms of silence, dead after 1 s; "short" frames are due 0.5 s
+    # after acquisition, so they reach the worker in time but cannot outlive its death.
+    cfg = transport(tmp_path, heartbeat_ms=100, liveness=10)
     dispatcher = Dispatcher(cfg, ctx)
     camera = Camera(ctx, cfg)
     stalled = WorkerLink(cfg, "stalled", max_batch=4, ctx=ctx)  # credit 8
     until(lambda: len(dispatcher.workers()) == 1, lambda: dispatcher.step(5), "registration")
 
-    far, short = camera.send(deadline_s=60), camera.send(deadline_s=0.25)
+    far, short = camera.send(deadline_s=60), camera.send(deadline_s=0.5)
     held: dict[str, FrameHeader] = {}
 
     def receive() -> None:
@@ -426,7 +428,7 @@ def test_dispatch_process_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             make_socket(ctx, "pull", cfg, "bind", cfg.results_endpoint, "test.decision")
         )
         proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.dispatch", str(config)],
+            [sys.executable, "-m", "linewatch", "dispatch", str(config)],  # as supervised
             stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         try:
@@ -445,3 +447,10 @@ def test_dispatch_process_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
 def test_bad_message_error_names_reason() -> None:
     error = BadMessage("length_mismatch", "pixels have 3 bytes")
     assert str(error) == "length_mismatch: pixels have 3 bytes"
+
+
+def test_dispatch_entry_point_names_a_bad_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert dispatch_main([str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml: no such configuration file" in capsys.readouterr().err

@@ -410,10 +410,13 @@ class Dispatcher:
     def _lose_worker(self, worker: _Worker, reason: str) -> None:
         """Forget a worker; its frames go to others if their deadline allows, else fail."""
         self._workers.pop(worker.identity, None)
-        if reason != "reregistered":
+        if reason == "reregistered":
+            log.info("worker_reregistered", worker=worker.name, epoch=worker.epoch,
+                     in_flight=len(worker.in_flight))
+        else:
             self.stats.workers_lost += 1
-        log.warning("worker_lost", worker=worker.name, epoch=worker.epoch, reason=reason,
-                    in_flight=len(worker.in_flight))
+            log.warning("worker_lost", worker=worker.name, epoch=worker.epoch, reason=reason,
+                        in_flight=len(worker.in_flight))
         now_ns = time.time_ns()
         again = []
         for item in worker.in_flight.values():
