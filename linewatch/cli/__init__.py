@@ -19,6 +19,7 @@ from linewatch.log import configure
 # Command modules, in the order their commands appear in --help.
 COMMAND_MODULES = (
     "linewatch.cli.config_cmd",
+    "linewatch.cli.runtime_cmd",
     "linewatch.cli.acquisition_cmd",
     "linewatch.cli.data_cmd",
     "linewatch.cli.decision_cmd",
