@@ -1,8 +1,19 @@
-"""The inference worker process: ``python -m workers.infer CONFIG --worker N``."""
+"""The infer process: ``python -m workers.infer CONFIG --worker N`` = ``linewatch infer ...``.
+
+Process entry points for service managers; the command line lives in one place,
+:mod:`linewatch.cli`.
+"""
 
 import sys
+from collections.abc import Sequence
 
-from linewatch.cli import main
+from linewatch.cli import main as cli_main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``linewatch infer`` with ``argv`` (default: this process's arguments)."""
+    return cli_main(["infer", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    sys.exit(main(["infer", *sys.argv[1:]]))
+    sys.exit(main())
