@@ -127,21 +127,28 @@ class GenicamCamera(FrameSource):
         :class:`SourceLost` when the device cannot be opened (busy, unreachable).
         """
         self.close()
-        self._harvester = _harvester(self.cfg.cti)
-        info = self._select(self._harvester.device_info_list)
-        self.device_id = _describe(info)["id"]
         try:
-            with _keep_sigint_handler():
-                self._ia = self._harvester.create(info)
-            self._configure(self._ia)
-            self._ia.start()
+            self._start()
         except (GenTLError, GenApiError) as exc:
             self.close()
             raise SourceLost(f"camera {self.device_id}: cannot open: {_why(exc)}") from exc
+        except BaseException:
+            # A producer left open hides its devices from the next Harvester in this process.
+            self.close()
+            raise
         self._gaps.reset()
         self._held = None
         self._timeouts = 0
         self._log.info("camera_opened", device=self.device_id, cti=str(self.cfg.cti))
+
+    def _start(self) -> None:
+        self._harvester = _harvester(self.cfg.cti)
+        info = self._select(self._harvester.device_info_list)
+        self.device_id = _describe(info)["id"]
+        with _keep_sigint_handler():
+            self._ia = self._harvester.create(info)
+        self._configure(self._ia)
+        self._ia.start()
 
     def close(self) -> None:
         """Stop acquisition and release the device and the producer; never raises."""

@@ -64,7 +64,9 @@ class AcquisitionProcess:
     """Runs one camera's source and sends its frames; :meth:`run` blocks until the end.
 
     :meth:`stop` may be called from a signal handler or another thread. ``source``
-    replaces the one ``camera.source`` describes (tests, custom sources).
+    replaces the one ``camera.source`` describes (tests, custom sources);
+    ``context`` is the process's ZeroMQ context (default: one made and closed by
+    :meth:`run`); ``reconnect_interval_s`` overrides the source's retry interval.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class AcquisitionProcess:
         source: FrameSource | None = None,
         context: zmq.Context[Any] | None = None,
         stats_interval_s: float = 10.0,
+        reconnect_interval_s: float | None = None,
     ) -> None:
         if start_seq < 0:
             raise ValueError(f"start_seq must be >= 0, got {start_seq}")
@@ -86,15 +89,18 @@ class AcquisitionProcess:
         """Sequence number the next frame or missed frame gets."""
         self.stats = AcquireStats()
         self._deadline_ns = int(camera.deadline_ms * 1_000_000)
-        self._reconnect_s = (
-            camera.source.reconnect_interval_s
-            if isinstance(camera.source, GenicamSource)
-            else DEFAULT_RECONNECT_S
-        )
+        if reconnect_interval_s is None:
+            reconnect_interval_s = (
+                camera.source.reconnect_interval_s
+                if isinstance(camera.source, GenicamSource)
+                else DEFAULT_RECONNECT_S
+            )
+        self._reconnect_s = reconnect_interval_s
         self._stats_interval_s = stats_interval_s
         self._context = context
         self._sock: zmq.Socket[Any] | None = None
         self._pending_gaps: list[tuple[int, int]] = []
+        self._dropped = 0  # frames dropped for lack of room downstream
         self._stop = threading.Event()
         self._log = get_logger("acquisition").bind(camera=camera.id)
 
@@ -187,7 +193,14 @@ class AcquisitionProcess:
         # Downstream stayed full until the frame's deadline: account for it as a gap.
         self.stats.errors += 1
         self.stats.missed += 1
-        self._log.warning("frame_dropped", seq=seq, reason="downstream full until deadline")
+        self._dropped += 1
+        if self._dropped <= 10 or self._dropped % 100 == 0:  # a dead dispatcher must not flood
+            self._log.warning(
+                "frame_dropped",
+                seq=seq,
+                dropped=self._dropped,
+                reason="downstream full until deadline",
+            )
         self._add_gap(seq, seq)
 
     def _missed(self, item: MissedFrames) -> None:
