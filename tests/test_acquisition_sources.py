@@ -356,3 +356,17 @@ def test_unknown_camera_is_a_one_line_error(
     assert main(["acquire", str(config), "--camera", "cam9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "linewatch: error: no camera 'cam9' in line line1 (cameras: cam0)"
+
+
+def test_auto_start_seq_is_above_any_earlier_run(
+    pull: tuple[zmq.Socket[bytes], str], tmp_path: Path,
+) -> None:
+    from linewatch.cli import main
+
+    sock, endpoint = pull
+    config = str(_line_toml(tmp_path, endpoint))
+    assert main(["acquire", config, "--camera", "cam0", "--start-seq", "auto"]) == 0
+    first = _seqs(_receive(sock))
+    assert main(["acquire", config, "--camera", "cam0", "--start-seq", "auto"]) == 0
+    second = _seqs(_receive(sock))
+    assert first == list(range(first[0], first[0] + 3)) and second[0] > first[-1]

@@ -339,6 +339,16 @@ class _Pacer:
         return not stop.is_set()
 
 
+def auto_start_seq() -> int:
+    """A first sequence number no earlier run of this camera can have reached: now in µs.
+
+    For a restart without knowing the last seq sent: the decision service refuses a
+    frame id it has seen, so reusing seqs would leave real parts without a verdict.
+    A previous run would have to average over a million frames a second to collide.
+    """
+    return time.time_ns() // 1000
+
+
 def camera_config(config: LineConfig, camera_id: str) -> CameraConfig:
     """The camera ``camera_id`` of a line; :class:`ConfigError` lists the ids there are."""
     for camera in config.cameras:

@@ -15,9 +15,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     acquire.add_argument("--camera", required=True, help="id of the camera to acquire")
     acquire.add_argument(
         "--start-seq",
-        type=int,
+        type=_start_seq,
         default=0,
-        help="sequence number of the first frame (after a restart: the last one sent + 1)",
+        metavar="N|auto",
+        help="sequence number of the first frame: after a restart the last one sent + 1, "
+        "or 'auto' (now in microseconds, above any seq an earlier run reached); default 0",
     )
     acquire.set_defaults(func=_acquire)
     cameras = subparsers.add_parser("cameras", help="list the cameras a GenTL producer (.cti) sees")
@@ -34,6 +36,7 @@ def _acquire(args: argparse.Namespace) -> int:
     # Imported here so that `linewatch --help` does not load ZeroMQ and OpenCV.
     from linewatch.acquisition.process import (
         AcquisitionProcess,
+        auto_start_seq,
         camera_config,
         run_until_signalled,
     )
@@ -41,13 +44,23 @@ def _acquire(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     camera = camera_config(config, args.camera)
-    process = AcquisitionProcess(camera, config.transport, start_seq=args.start_seq)
+    start_seq = auto_start_seq() if args.start_seq is None else args.start_seq
+    process = AcquisitionProcess(camera, config.transport, start_seq=start_seq)
     stats = run_until_signalled(process)
     print(
         f"{camera.id}: {stats.frames} frames sent, {stats.missed} missed in {stats.gaps} gap(s), "
         f"{stats.errors} error(s), next seq {process.next_seq}"
     )
     return 0
+
+
+def _start_seq(text: str) -> int | None:
+    """``--start-seq``: a number, or None for 'auto'."""
+    if text == "auto":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'auto', got {text!r}")
+    return int(text)
 
 
 def _cameras(args: argparse.Namespace) -> int:
