@@ -19,7 +19,12 @@ import pytest
 import zmq
 
 from linewatch.acquisition import DeviceNotFound, MissedFrames, RawFrame
-from linewatch.acquisition.genicam import FrameIdGaps, GenicamCamera, list_devices, viky_cti_path
+from linewatch.acquisition.genicam import (
+    GenicamCamera,
+    ProducerGaps,
+    list_devices,
+    viky_cti_path,
+)
 from linewatch.acquisition.process import AcquisitionProcess
 from linewatch.config import CameraConfig, GenicamSource, TransportConfig
 from linewatch.errors import ConfigError
@@ -74,17 +79,34 @@ def _check_frame_ids(items: list[RawFrame | MissedFrames]) -> None:
 # ---------------------------------------------------------------------- frame ids
 
 
-def test_frame_id_gaps_counts_missing_ids() -> None:
-    gaps = FrameIdGaps()
-    assert [gaps.observe(i) for i in (1, 2, 3, 7, 8, 10)] == [0, 0, 0, 3, 0, 1]
+def test_producer_gaps_by_frame_id() -> None:
+    gaps = ProducerGaps()
+    assert [gaps.observe(i, None) for i in (1, 2, 3, 7, 8, 10)] == [0, 0, 0, 3, 0, 1]
 
 
 def test_frame_id_going_back_restarts_instead_of_reporting_a_huge_gap() -> None:
-    gaps = FrameIdGaps()
-    assert [gaps.observe(i) for i in (65534, 65535, 1, 2, None, 3)] == [0, 0, 0, 0, 0, 0]
+    gaps = ProducerGaps()
+    assert [gaps.observe(i, None) for i in (65534, 65535, 1, 2, None, 3)] == [0] * 6
     assert gaps.restarts == 1
     gaps.reset()
-    assert gaps.observe(100) == 0
+    assert gaps.observe(100, None) == 0
+
+
+def test_producer_gaps_by_device_timestamps_when_ids_are_absent() -> None:
+    period = 50_000_000  # 20 fps
+    jitter = [0, 3, -2, 1, 0, -1, 2, 0, 1]
+    ts = [i * period + j * 100_000 for i, j in enumerate(jitter)]
+    ts = ts[:4] + ts[6:]  # frames 4 and 5 never arrive
+    gaps = ProducerGaps(use_timestamps=True)
+    assert [gaps.observe(None, t) for t in ts] == [0, 0, 0, 0, 2, 0, 0]
+    # A drop while the period is still being learnt is not mistaken for the period.
+    early = ProducerGaps(use_timestamps=True)
+    assert [early.observe(None, t) for t in (0, 150, 200, 250, 300, 400)] == [0] * 5 + [1]
+
+
+def test_timestamps_are_ignored_for_a_triggered_camera() -> None:
+    gaps = ProducerGaps(use_timestamps=False)  # parts arrive when they arrive
+    assert [gaps.observe(None, t) for t in (0, 10, 20, 30, 500)] == [0] * 5
 
 
 # ---------------------------------------------------------------------- viky

@@ -3,7 +3,7 @@
 What harvesters does not do for us, and this module does:
 
 * It requeues incomplete buffers silently and keeps no drop counter, so missing
-  frames are found from jumps in the producer's frame id (:class:`FrameIdGaps`)
+  frames are found from jumps in the producer's frame id (:class:`ProducerGaps`)
   and reported as :class:`MissedFrames` before the next good frame.
 * It installs its own SIGINT handler (which destroys the acquirer) whenever an
   acquirer is created on the main thread; :meth:`GenicamCamera.open` puts the
@@ -70,35 +70,73 @@ def list_devices(cti: Path) -> list[dict[str, str]]:
         harvester.reset()
 
 
-class FrameIdGaps:
-    """Counts the frames missing between consecutive producer frame ids.
+class ProducerGaps:
+    """Counts the frames missing between consecutive buffers of a producer.
 
-    >>> gaps = FrameIdGaps()
-    >>> [gaps.observe(i) for i in (7, 8, 11, 12)]
+    By frame id when the producer numbers its buffers: a jump of k means k - 1
+    frames missing. Without frame ids, and only for a free-running camera (whose
+    frames are evenly spaced), by device timestamps: an interval of k periods
+    means k - 1 frames missing, the period being learnt from the intervals seen.
+
+    >>> gaps = ProducerGaps()
+    >>> [gaps.observe(i, None) for i in (7, 8, 11, 12)]
     [0, 0, 2, 0]
+    >>> gaps = ProducerGaps(use_timestamps=True)
+    >>> [gaps.observe(None, t) for t in (0, 50, 100, 150, 300, 350)]
+    [0, 0, 0, 0, 2, 0]
 
-    A frame id that goes backwards (a counter wrap, a camera restart) restarts
-    the count rather than reporting billions of missing frames; ``restarts``
-    counts those.
+    A frame id or timestamp that goes backwards (a counter wrap, a camera
+    restart) starts over rather than reporting billions of missing frames;
+    ``restarts`` counts those.
     """
 
-    def __init__(self) -> None:
-        self._last: int | None = None
+    LEARN_INTERVALS = 3
+    """Intervals seen before timestamps are trusted to reveal gaps."""
+
+    def __init__(self, use_timestamps: bool = False) -> None:
+        self.use_timestamps = use_timestamps
         self.restarts = 0
+        self.reset()
 
     def reset(self) -> None:
-        """Forget the last id (after a reconnect the camera restarts its counter)."""
-        self._last = None
+        """Forget the past (after a reconnect the camera restarts its counters)."""
+        self._last_id: int | None = None
+        self._last_ts: int | None = None
+        self._period: float | None = None
+        self._intervals = 0
 
-    def observe(self, frame_id: int | None) -> int:
-        """Frames missing before ``frame_id``; 0 when it follows on (or is unknown)."""
-        if frame_id is None:
-            return 0
-        last, self._last = self._last, frame_id
+    def observe(self, frame_id: int | None, ts_ns: int | None) -> int:
+        """Frames missing before this buffer; 0 when it follows on (or nothing tells)."""
+        if frame_id is not None:
+            return self._by_id(frame_id)
+        if self.use_timestamps and ts_ns is not None:
+            return self._by_time(ts_ns)
+        return 0
+
+    def _by_id(self, frame_id: int) -> int:
+        last, self._last_id = self._last_id, frame_id
         if last is None or frame_id <= last:
             self.restarts += last is not None
             return 0
         return frame_id - last - 1
+
+    def _by_time(self, ts_ns: int) -> int:
+        last, self._last_ts = self._last_ts, ts_ns
+        if last is None or ts_ns <= last:
+            if last is not None:
+                self.restarts += 1
+                self._period, self._intervals = None, 0
+            return 0
+        dt = ts_ns - last
+        self._intervals += 1
+        if self._period is None or self._intervals <= self.LEARN_INTERVALS:
+            # The shortest early interval: one that hides a drop is longer, never shorter.
+            self._period = dt if self._period is None else min(self._period, dt)
+            return 0
+        if dt > 1.5 * self._period:
+            return max(0, round(dt / self._period) - 1)
+        self._period += 0.1 * (dt - self._period)  # follow a slowly drifting frame rate
+        return 0
 
 
 class GenicamCamera(FrameSource):
@@ -110,7 +148,7 @@ class GenicamCamera(FrameSource):
         self.device_id: str | None = None
         self._harvester: Harvester | None = None
         self._ia: ImageAcquirer | None = None
-        self._gaps = FrameIdGaps()
+        self._gaps = ProducerGaps(use_timestamps=cfg.trigger_mode == "off")
         self._held: RawFrame | None = None
         self._timeouts = 0
         self._software_trigger = False
@@ -179,18 +217,21 @@ class GenicamCamera(FrameSource):
             try:
                 with buffer:  # queued back on exit; the pixels are copied out before
                     frame = self._frame_from(buffer)
+                    device_ts = _device_ts_ns(buffer)
             except (GenTLError, GenApiError) as exc:
                 raise SourceLost(f"camera {self.device_id}: buffer lost: {_why(exc)}") from exc
             if frame is None:
                 continue
-            missed = self._gaps.observe(frame.producer_frame_id)
+            missed = self._gaps.observe(frame.producer_frame_id, device_ts)
             if missed:
                 self._held = frame
+                seen = (
+                    f"frame id jumped to {frame.producer_frame_id}"
+                    if frame.producer_frame_id is not None
+                    else "device timestamps"
+                )
                 return MissedFrames(
-                    missed,
-                    "dropped",
-                    f"producer frame id jumped to {frame.producer_frame_id}",
-                    frame.ts_ns,
+                    missed, "dropped", f"producer dropped frames ({seen})", frame.ts_ns
                 )
             return frame
         return None
@@ -382,6 +423,22 @@ def _frame_id(buffer: Buffer) -> int | None:
         return int(buffer.module.frame_id)
     except (GenTLError, GenApiError, TypeError, ValueError):
         return None
+
+
+def _device_ts_ns(buffer: Buffer) -> int | None:
+    """The device's timestamp of a buffer in ns of its own clock; None when it has none."""
+    # Straight from GenTL: harvesters' Buffer.timestamp_frequency can raise AttributeError.
+    module = buffer.module
+    try:
+        return int(module.timestamp_ns) or None
+    except GenTLError:
+        pass
+    try:
+        ticks = int(module.timestamp)
+        hz = int(module.parent.parent.timestamp_frequency)
+    except GenTLError:
+        return None
+    return ticks * 1_000_000_000 // hz if ticks and hz else None
 
 
 def _get_node(nodes: Any, name: str) -> Any:
