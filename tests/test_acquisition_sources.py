@@ -370,3 +370,17 @@ def test_auto_start_seq_is_above_any_earlier_run(
     assert main(["acquire", config, "--camera", "cam0", "--start-seq", "auto"]) == 0
     second = _seqs(_receive(sock))
     assert first == list(range(first[0], first[0] + 3)) and second[0] > first[-1]
+
+
+MAGNETIC_TILE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic-tile"
+
+
+@pytest.mark.dataset
+@pytest.mark.skipif(not MAGNETIC_TILE.is_dir(), reason="shared magnetic-tile data set absent")
+def test_folder_replays_the_magnetic_tile_val_split() -> None:
+    with _replay(MAGNETIC_TILE, split="val") as source:
+        first = source.read()
+        assert isinstance(first, RawFrame) and first.part_id is not None
+        assert first.part_id.startswith("good/")
+        assert first.pixels.dtype == np.uint8 and first.pixels.ndim in (2, 3)
+        assert not any("ground_truth" in str(p) for p in source.files)

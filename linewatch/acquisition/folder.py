@@ -22,8 +22,6 @@ from linewatch.log import get_logger
 # Masks of an MVTec-layout data set live here; replaying them as parts makes no sense.
 _SKIPPED_DIRS = frozenset({"ground_truth"})
 
-_PART_ID_MAX = 128  # FrameHeader.part_id's limit
-
 
 class FolderReplay(FrameSource):
     """Frames from image files, at ``cfg.fps`` (the caller paces reads)."""
@@ -79,8 +77,7 @@ class FolderReplay(FrameSource):
 
     def _part_id(self, path: Path) -> str:
         """The file's path below the replayed folder, without suffix: ``crack/000``."""
-        rel = path.relative_to(self._root).with_suffix("").as_posix()
-        return rel[-_PART_ID_MAX:]
+        return path.relative_to(self._root).with_suffix("").as_posix()
 
 
 def list_images(path: Path, split: str | None = None) -> list[Path]:

@@ -41,6 +41,9 @@ DEFAULT_RECONNECT_S = 2.0
 STATUS_SEND_S = 0.5
 """How long a status or gap notice may wait for room on a full socket."""
 
+PART_ID_MAX = 128
+"""Longest part id a frame header takes; longer ones keep their end (the most specific)."""
+
 StatusState = Literal["connected", "lost", "reconnected", "stopped"]
 
 
@@ -180,7 +183,7 @@ class AcquisitionProcess:
         header = FrameHeader(
             camera=self.camera.id,
             seq=seq,
-            part_id=raw.part_id or str(seq),
+            part_id=(raw.part_id or str(seq))[-PART_ID_MAX:],
             ts_acquired_ns=raw.ts_ns,
             deadline_ns=raw.ts_ns + self._deadline_ns,
             dtype=raw.pixels.dtype.name,
