@@ -77,7 +77,6 @@ class SynthSource(_Strict):
     surface: str = "brushed_metal"
     defect_ratio: float = Field(0.1, ge=0.0, le=1.0)
     seed: int = 0
-    frames: int | None = Field(None, ge=1, description="stop after this many frames")
 
 
 CameraSource = Annotated[GenicamSource | FolderSource | SynthSource, Field(discriminator="kind")]
@@ -90,6 +89,9 @@ class CameraConfig(_Strict):
     source: CameraSource
     deadline_ms: float = Field(
         1000.0, gt=0, description="ms after acquisition by which the verdict must exist"
+    )
+    frames: int | None = Field(
+        None, ge=1, description="stop after this many frames (acquired or missed); none = run on"
     )
 
 

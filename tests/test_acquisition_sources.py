@@ -119,34 +119,38 @@ def _synth(**fields: Any) -> SynthCamera:
     return SynthCamera(SynthSource.model_validate({"size": 64, **fields}))
 
 
+def _take(source: FrameSource, count: int) -> list[SourceItem]:
+    items = [source.read() for _ in range(count)]
+    return [i for i in items if i is not None]
+
+
 def _pixels(items: list[SourceItem]) -> list[np.ndarray]:
     return [i.pixels for i in items if isinstance(i, RawFrame)]
 
 
-def test_synth_is_deterministic_per_seed_and_stops_after_frames() -> None:
-    with _synth(seed=3, frames=4, defect_ratio=0.5) as a, _synth(seed=3, frames=4,
-                                                                   defect_ratio=0.5) as b:
-        first, second = _pixels(_drain(a)), _pixels(_drain(b))
+def test_synth_is_deterministic_per_seed() -> None:
+    with _synth(seed=3, defect_ratio=0.5) as a, _synth(seed=3, defect_ratio=0.5) as b:
+        first, second = _pixels(_take(a, 4)), _pixels(_take(b, 4))
     assert len(first) == 4
     assert all(np.array_equal(x, y) for x, y in zip(first, second, strict=True))
     assert first[0].shape == (64, 64) and first[0].dtype == np.uint8
-    with _synth(seed=4, frames=4, defect_ratio=0.5) as c:
-        other = _pixels(_drain(c))
+    with _synth(seed=4, defect_ratio=0.5) as c:
+        other = _pixels(_take(c, 4))
     assert not all(np.array_equal(x, y) for x, y in zip(first, other, strict=True))
 
 
 def test_synth_frame_depends_only_on_seed_and_index() -> None:
-    cam = _synth(seed=9, frames=5)
+    cam = _synth(seed=9)
     with cam:
-        frames = _pixels(_drain(cam))
+        frames = _pixels(_take(cam, 5))
     assert np.array_equal(cam.make(3)[0], frames[3])
 
 
 def test_synth_defect_ratio() -> None:
-    with _synth(frames=6, defect_ratio=1.0) as all_bad:
-        _drain(all_bad)
-    with _synth(frames=6, defect_ratio=0.0) as all_good:
-        _drain(all_good)
+    with _synth(defect_ratio=1.0) as all_bad:
+        _take(all_bad, 6)
+    with _synth(defect_ratio=0.0) as all_good:
+        _take(all_good, 6)
     assert all_bad.defects == 6 and all_good.defects == 0
 
 
@@ -195,7 +199,7 @@ def _seqs(messages: list[Message]) -> list[int]:
 
 
 def _process(source: FrameSource | None, endpoint: str, **kwargs: Any) -> AcquisitionProcess:
-    camera = CameraConfig(id="cam7", source=SynthSource(fps=500.0, size=32, frames=6),
+    camera = CameraConfig(id="cam7", source=SynthSource(fps=500.0, size=32), frames=6,
                           deadline_ms=250.0)
     return AcquisitionProcess(camera, TransportConfig(frames_endpoint=endpoint), source=source,
                               **kwargs)
@@ -212,7 +216,7 @@ def test_process_sends_synth_frames_with_consecutive_seq(
     frames = [m for m in messages if isinstance(m, Frame)]
     assert statuses == ["connected", "stopped"]
     assert [f.header.seq for f in frames] == list(range(41, 47))
-    reference = SynthCamera(SynthSource(size=32, frames=6))
+    reference = SynthCamera(SynthSource(size=32))
     for i, frame in enumerate(frames):
         h = frame.header
         assert h.camera == "cam7" and h.part_id == str(h.seq) and h.shape == (32, 32)
@@ -286,7 +290,7 @@ def test_process_drops_frames_as_gaps_when_downstream_is_full() -> None:
     # Nothing binds this endpoint: after the high-water mark every frame waits for
     # room until its deadline, then is accounted for as missed instead of blocking.
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    camera = CameraConfig(id="cam7", source=SynthSource(fps=500.0, size=32, frames=8),
+    camera = CameraConfig(id="cam7", source=SynthSource(fps=500.0, size=32), frames=8,
                           deadline_ms=1.0)
     transport = TransportConfig(frames_endpoint="ipc:///tmp/linewatch-test-nobody-binds",
                                 high_water_mark=2, linger_ms=0)
@@ -323,11 +327,11 @@ def _line_toml(tmp_path: Path, endpoint: str) -> Path:
         f"""
 [[cameras]]
 id = "cam0"
+frames = 3
 [cameras.source]
 kind = "synth"
 fps = 500.0
 size = 32
-frames = 3
 
 [transport]
 frames_endpoint = "{endpoint}"

@@ -89,6 +89,8 @@ class AcquisitionProcess:
         self.transport = transport
         self.source = source if source is not None else make_source(camera.source)
         self.next_seq = start_seq
+        self._start_seq = start_seq
+        self._limit = camera.frames
         """Sequence number the next frame or missed frame gets."""
         self.stats = AcquireStats()
         self._deadline_ns = int(camera.deadline_ms * 1_000_000)
@@ -170,6 +172,9 @@ class AcquisitionProcess:
                 self._missed(item)
             else:
                 self._frame(item)
+            if self._limit is not None and self.next_seq - self._start_seq >= self._limit:
+                self._log.info("acquire_limit_reached", frames=self._limit)
+                return
             now = time.monotonic()
             if now - last_stats >= self._stats_interval_s:
                 fps = (self.stats.frames - frames_at_last) / (now - last_stats)

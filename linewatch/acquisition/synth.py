@@ -43,12 +43,11 @@ class SynthCamera(FrameSource):
             surface=self.cfg.surface,
             size=self.cfg.size,
             seed=self.cfg.seed,
-            frames=self.cfg.frames,
         )
 
     def read(self) -> SourceItem | None:
-        """The next synthetic frame; None after ``cfg.frames`` frames or once stopping."""
-        if self.stopping or (self.cfg.frames is not None and self.index >= self.cfg.frames):
+        """The next synthetic frame; None once stopping (the process limits the count)."""
+        if self.stopping:
             return None
         image, defect = self.make(self.index)
         self.index += 1

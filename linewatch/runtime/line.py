@@ -27,8 +27,13 @@ def line_processes(
     """The processes of a line, each with the stage it is stopped in."""
     path = str(config_path)
     specs = [
-        ProcessSpec(f"acquire-{cam.id}", linewatch_argv("acquire", path, "--camera", cam.id),
-                    STAGE_ACQUIRE)
+        # auto: a restarted camera continues above every seq it sent before, so its
+        # frames never collide with verdicts already written (writes dedupe by frame id).
+        ProcessSpec(
+            f"acquire-{cam.id}",
+            linewatch_argv("acquire", path, "--camera", cam.id, "--start-seq", "auto"),
+            STAGE_ACQUIRE,
+        )
         for cam in config.cameras
     ]
     specs.append(ProcessSpec("dispatch", linewatch_argv("dispatch", path), STAGE_DISPATCH))
