@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
@@ -45,3 +47,18 @@ def run_until_signalled(loop: Stoppable) -> Any:
         for sig, handler in previous.items():
             if handler is not None:  # None: installed outside Python, cannot be restored
                 signal.signal(sig, handler)
+
+
+READY_FILE_ENV = "LINEWATCH_READY_FILE"
+
+
+def notify_ready() -> None:
+    """Tell the supervisor this process serves now (like systemd's ``sd_notify READY=1``).
+
+    The supervisor names a file in ``LINEWATCH_READY_FILE``; a process started by
+    hand has none, and this does nothing.
+    """
+    path = os.environ.get(READY_FILE_ENV)
+    if path:
+        Path(path).touch()
+        log.info("process_ready")

@@ -90,3 +90,36 @@ def test_process_that_finishes_is_not_restarted() -> None:
         sup.stop()
         thread.join(timeout=30)
     assert sup.restarts == {"once": 0}
+
+
+# Appends its name and whether the other stage was ready when it started, then reports ready.
+STAGED = """
+import os, pathlib, sys, time
+other_ready = pathlib.Path(sys.argv[2]).exists()
+with open(sys.argv[1], "a") as f:
+    f.write(f"{sys.argv[3]}:{other_ready}\\n")
+pathlib.Path(os.environ["LINEWATCH_READY_FILE"]).touch()
+pathlib.Path(sys.argv[4]).touch()
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_stages_start_back_to_front_once_each_is_ready(tmp_path: Path) -> None:
+    starts, decide_up, acquire_up = tmp_path / "starts", tmp_path / "decide", tmp_path / "acq"
+
+    def spec(name: str, stage: int, waits_for: Path, marks: Path) -> ProcessSpec:
+        argv = (sys.executable, "-c", STAGED, str(starts), str(waits_for), name, str(marks))
+        return ProcessSpec(name, argv, stage=stage, notifies_ready=True)
+
+    sup = Supervisor([spec("acquire", 0, decide_up, acquire_up),
+                      spec("decide", 3, acquire_up, decide_up)], poll_s=0.02)
+    thread = threading.Thread(target=sup.run)
+    thread.start()
+    try:
+        assert _wait_for(lambda: starts.exists() and len(starts.read_text().split()) == 2)
+    finally:
+        sup.stop()
+        thread.join(timeout=60)
+    assert starts.read_text().split() == ["decide:False", "acquire:True"]
+    assert sup.restarts == {"acquire": 0, "decide": 0}

@@ -30,6 +30,7 @@ import zmq
 from linewatch.acquisition.base import FrameSource, MissedFrames, RawFrame, SourceLost, make_source
 from linewatch.config import CameraConfig, GenicamSource, LineConfig, TransportConfig
 from linewatch.errors import ConfigError
+from linewatch.lifecycle import notify_ready
 from linewatch.log import get_logger
 from linewatch.transport.codec import encode_frame, encode_message
 from linewatch.transport.sockets import make_socket, transport_context
@@ -254,6 +255,7 @@ class AcquisitionProcess:
             state: StatusState = "reconnected" if reconnect else "connected"
             self._send_status(state, "" if attempt == 1 else f"after {attempt} attempts")
             self._log.info(f"camera_{state}", attempts=attempt)
+            notify_ready()
             return True
         return False
 

@@ -32,7 +32,7 @@ import zmq
 from linewatch.config import LineConfig
 from linewatch.decision.postprocess import Region, find_regions, render_heatmap, smooth_maps
 from linewatch.decision.tracker import FrameTracker, MissedFrame
-from linewatch.lifecycle import run_until_signalled
+from linewatch.lifecycle import notify_ready, run_until_signalled
 from linewatch.log import get_logger
 from linewatch.streams.client import redis_client
 from linewatch.streams.records import (
@@ -138,6 +138,7 @@ class DecisionService:
             try:
                 self.restore()
                 self.ready.set()
+                notify_ready()
                 log.info("decision_started", endpoint=endpoint, line=self.cfg.line)
                 self._serve(sock, lambda: stop.is_set() or self._stop.is_set())
                 self._receive_available(sock, limit=None)

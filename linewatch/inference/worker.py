@@ -19,6 +19,7 @@ from linewatch.config import LineConfig, ThresholdRule
 from linewatch.errors import LinewatchError
 from linewatch.inference.batcher import DynamicBatcher
 from linewatch.inference.tiling import crop_roi, cut_tiles, stitch_maps, tile_grid
+from linewatch.lifecycle import notify_ready
 from linewatch.log import get_logger
 from linewatch.wire import Frame, FrameHeader, ResultHeader
 
@@ -130,6 +131,7 @@ class InferenceWorker:
     def run(self) -> dict[str, int]:
         """Poll, batch, score, forward until stopped, then finish what is queued."""
         log.info("worker_started", worker=self.worker_id, model_id=self.scorer.model_id)
+        notify_ready()
         while not self._stop.is_set():
             self.step()
         while len(self._batcher):

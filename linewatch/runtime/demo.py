@@ -95,13 +95,14 @@ line = "{DEMO_LINE}"
 [[cameras]]
 id = "cam0"
 deadline_ms = 5000.0
+frames = {frames}
 [cameras.source]
 kind = "folder"
 path = "{data}"
 split = "test"
 fps = {fps}
 loop = true
-frames = {frames}
+
 
 [transport]
 frames_endpoint = "ipc://{ipc}-frames"
@@ -148,18 +149,26 @@ class VerdictMonitor:
         last = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrevrange(self.key, count=1))
         self._last_id: bytes | str = last[0][0] if last else "0-0"
         self.verdicts: list[VerdictRecord] = []
-        self.started = time.monotonic()
 
-    def poll(self, block_ms: int = 200) -> None:
-        """Read what arrived since the last poll."""
+    def poll(self) -> int:
+        """Read what arrived since the last poll (without blocking); how many arrived."""
         answer = cast(
             list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
-            self.client.xread({self.key: self._last_id}, block=block_ms, count=1000),
+            self.client.xread({self.key: self._last_id}, count=1000),
         )
+        before = len(self.verdicts)
         for _, entries in answer or []:
             for entry_id, fields in entries:
                 self._last_id = entry_id
                 self.verdicts.append(VerdictRecord.from_fields(fields))
+        return len(self.verdicts) - before
+
+    def fps(self) -> float:
+        """Verdicts per second between the first and the last verdict (start-up excluded)."""
+        if len(self.verdicts) < 2:
+            return 0.0
+        span_ns = self.verdicts[-1].ts_decided_ns - self.verdicts[0].ts_decided_ns
+        return (len(self.verdicts) - 1) / max(span_ns / 1e9, 1e-9)
 
     def latencies(self) -> np.ndarray:
         """Acquisition-to-verdict latency of every verdict seen, in ms."""
@@ -169,12 +178,11 @@ class VerdictMonitor:
     def status_line(self, frames: int) -> str:
         """One line of live figures."""
         lat = self.latencies()
-        elapsed = max(time.monotonic() - self.started, 1e-9)
         p50, p99 = (np.percentile(lat, [50, 99]) if lat.size else (float("nan"),) * 2)
         rejects = sum(v.verdict == "reject" for v in self.verdicts)
         return (
             f"verdicts {len(self.verdicts)}/{frames}  "
-            f"{len(self.verdicts) / elapsed:5.1f} frames/s  "
+            f"{self.fps():5.1f} frames/s  "
             f"latency p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  rejects {rejects}"
         )
 
@@ -204,7 +212,7 @@ def run_demo(frames: int, fps: float, epochs: int, timeout_s: float,
             finally:
                 runner.stop()
                 thread.join(timeout=120)
-            monitor.poll(block_ms=0)
+            monitor.poll()
             return _summary(monitor, frames, url, config, model)
 
 
@@ -213,7 +221,8 @@ def _follow(monitor: VerdictMonitor, frames: int, timeout_s: float) -> None:
     interactive = sys.stderr.isatty()
     last_print = 0.0
     while len(monitor.verdicts) < frames and time.monotonic() < end:
-        monitor.poll()
+        if not monitor.poll():
+            time.sleep(0.2)  # the demo's refresh interval, not a synchronisation
         now = time.monotonic()
         if interactive or now - last_print >= 5.0:
             sys.stderr.write(("\r" if interactive else "") + monitor.status_line(frames)
@@ -230,7 +239,6 @@ def _follow(monitor: VerdictMonitor, frames: int, timeout_s: float) -> None:
 def _summary(monitor: VerdictMonitor, frames: int, url: str, config: LineConfig,
              model: Path) -> DemoSummary:
     lat = monitor.latencies()
-    elapsed = max(time.monotonic() - monitor.started, 1e-9)
     keys = StreamKeys(config.line)
     return DemoSummary(
         frames_acquired=frames,
@@ -239,7 +247,7 @@ def _summary(monitor: VerdictMonitor, frames: int, url: str, config: LineConfig,
         fail_safe=sum(v.fail_safe for v in monitor.verdicts),
         latency_ms_p50=float(np.percentile(lat, 50)) if lat.size else None,
         latency_ms_p99=float(np.percentile(lat, 99)) if lat.size else None,
-        fps=round(len(monitor.verdicts) / elapsed, 2),
+        fps=round(monitor.fps(), 2),
         redis_url=url,
         streams=[keys.verdicts, keys.defects, keys.rejects],
         model=str(model),

@@ -33,16 +33,19 @@ def line_processes(
             f"acquire-{cam.id}",
             linewatch_argv("acquire", path, "--camera", cam.id, "--start-seq", "auto"),
             STAGE_ACQUIRE,
+            notifies_ready=True,
         )
         for cam in config.cameras
     ]
-    specs.append(ProcessSpec("dispatch", linewatch_argv("dispatch", path), STAGE_DISPATCH))
+    specs.append(ProcessSpec("dispatch", linewatch_argv("dispatch", path), STAGE_DISPATCH,
+                             notifies_ready=True))
     specs += [
-        ProcessSpec(f"infer-{i}", linewatch_argv("infer", path, "--worker", str(i)), STAGE_INFER)
+        ProcessSpec(f"infer-{i}", linewatch_argv("infer", path, "--worker", str(i)), STAGE_INFER,
+                    notifies_ready=True)
         for i in range(config.workers.count)
     ]
     specs.append(ProcessSpec("decide", linewatch_argv("decide", path), STAGE_DECIDE,
-                             stop_timeout_s=30.0))
+                             stop_timeout_s=30.0, notifies_ready=True))
     if consumers:
         specs += [
             ProcessSpec("plc", linewatch_argv("plc", path), STAGE_CONSUMERS),

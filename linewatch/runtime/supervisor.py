@@ -11,11 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from linewatch.lifecycle import READY_FILE_ENV
 from linewatch.log import get_logger
 
 log = get_logger("supervisor")
@@ -32,12 +35,16 @@ class ProcessSpec:
     argv: tuple[str, ...]
     stage: int
     stop_timeout_s: float = 10.0
+    notifies_ready: bool = False
+    """The process calls :func:`linewatch.lifecycle.notify_ready`; the stage upstream
+    of it starts only once it has (or ``ready_timeout_s`` has passed)."""
 
 
 @dataclass
 class _Child:
     spec: ProcessSpec
     process: subprocess.Popen[bytes] | None = None
+    launched: bool = False
     finished: bool = False
     started_at: float = 0.0
     restarts: int = 0
@@ -77,8 +84,10 @@ class Supervisor:
     env: Mapping[str, str] = field(default_factory=dict)
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     poll_s: float = 0.2
+    ready_timeout_s: float = 120.0
     _children: list[_Child] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _ready_dir: Path = field(default_factory=Path)
 
     def __post_init__(self) -> None:
         self._children = [_Child(spec) for spec in self.specs]
@@ -100,24 +109,53 @@ class Supervisor:
         }
 
     def run(self) -> None:
-        """Start everything, keep it running, and stop in stage order on :meth:`stop`."""
-        for child in sorted(self._children, key=lambda c: -c.spec.stage):
-            self._start(child)
-        try:
-            while not self._stop.wait(self.poll_s):
-                self._check_children()
-        finally:
-            self._shutdown()
+        """Start the stages back to front, keep them running, stop front to back on :meth:`stop`.
+
+        Starting downstream first means a camera's first frame finds a worker and a
+        decision service already serving, instead of waiting out their start-up.
+        """
+        with tempfile.TemporaryDirectory(prefix="linewatch-ready-") as ready_dir:
+            self._ready_dir = Path(ready_dir)
+            try:
+                for stage in sorted({c.spec.stage for c in self._children}, reverse=True):
+                    group = [c for c in self._children if c.spec.stage == stage]
+                    for child in group:
+                        self._start(child)
+                    self._wait_ready(group)
+                while not self._stop.wait(self.poll_s):
+                    self._check_children()
+            finally:
+                self._shutdown()
+
+    def _ready_file(self, child: _Child) -> Path:
+        return self._ready_dir / f"{child.spec.name}.ready"
+
+    def _wait_ready(self, group: list[_Child]) -> None:
+        waiting = [c for c in group if c.spec.notifies_ready]
+        end = time.monotonic() + self.ready_timeout_s
+        while waiting and not self._stop.is_set():
+            waiting = [c for c in waiting if not self._ready_file(c).exists()]
+            if time.monotonic() >= end:
+                log.warning("process_not_ready", processes=[c.spec.name for c in waiting],
+                            waited_s=self.ready_timeout_s)
+                return
+            self._check_children()
+            self._stop.wait(self.poll_s)
 
     def _start(self, child: _Child) -> None:
-        env = {**os.environ, **self.env}
-        child.process = subprocess.Popen(child.spec.argv, env=env)
+        env = {**os.environ, **self.env, READY_FILE_ENV: str(self._ready_file(child))}
+        self._ready_file(child).unlink(missing_ok=True)
+        # Children's stdout carries their exit summaries; keep ours for our own results.
+        child.process = subprocess.Popen(child.spec.argv, env=env, stdout=sys.stderr)
+        child.launched = True
         child.started_at = time.monotonic()
         log.info("process_started", process=child.spec.name, pid=child.process.pid)
 
     def _check_children(self) -> None:
         now = time.monotonic()
         for child in self._children:
+            if not child.launched:
+                continue  # its stage has not been started yet
             proc = child.process
             if proc is not None and proc.poll() == 0:
                 # A finite source (a folder replayed once) ends with 0: done, not crashed.

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from linewatch.config import TransportConfig
-from linewatch.lifecycle import run_until_signalled
+from linewatch.lifecycle import notify_ready, run_until_signalled
 from linewatch.log import get_logger
 from linewatch.transport.codec import (
     BadMessage,
@@ -210,6 +210,7 @@ class Dispatcher:
             "dispatcher_started", frames=self.frames_endpoint, workers=self.workers_endpoint,
             decision=self.cfg.results_endpoint, curve=self.cfg.curve.enabled,
         )
+        notify_ready()
         try:
             while not self._stop.is_set():
                 self.step()
