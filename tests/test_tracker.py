@@ -88,3 +88,24 @@ def test_memory_of_decided_frames_is_bounded() -> None:
     assert tracker.complete("cam0:4999") is False  # recent: still known
     assert tracker.complete("cam0:0") is True     # forgotten: Redis dedupe takes over
     assert len(tracker._done) <= 10 and len(tracker._deadlines) <= 4 * 1024 + 1
+    assert tracker._seq_entries <= 4 * 1024 + 1  # never asked for the lowest: compacted
+
+
+def test_the_lowest_pending_seq_follows_decisions_per_camera() -> None:
+    tracker = FrameTracker()
+    for seq in (5, 3, 9):
+        tracker.announce(_header(seq, deadline_ms=10 * seq))
+    tracker.announce(_header(1, camera="cam1"))
+    assert tracker.lowest_pending_seq("cam0") == 3
+    tracker.complete("cam0:3")
+    assert tracker.lowest_pending_seq("cam0") == 5
+    tracker.complete("cam0:4")       # never announced: not pending, never waited for
+    assert tracker.lowest_pending_seq("cam0") == 5
+    assert [h.seq for h in tracker.expire(60 * MS)] == [5]
+    assert tracker.lowest_pending_seq("cam0") == 9
+    assert [h.seq for h in tracker.pending_before("cam0", 10)] == [9]
+    assert tracker.pending_before("cam0", 9) == []
+    tracker.fail(_header(9), "worker_lost")
+    assert tracker.lowest_pending_seq("cam0") is None
+    assert tracker.lowest_pending_seq("cam1") == 1
+    assert tracker.lowest_pending_seq("cam7") is None

@@ -9,6 +9,8 @@ method tells the caller whether it should write a verdict now.
   False (and is logged) so that it cannot become a second verdict.
 - :meth:`FrameTracker.expire` hands back the frames whose deadline passed without a
   result; :meth:`FrameTracker.gap` the frames acquisition never saw.
+- :meth:`FrameTracker.lowest_pending_seq` tells the verdict ordering
+  (:mod:`linewatch.decision.ordering`) which seq of a camera it still has to wait for.
 
 >>> from linewatch.testing import frame_header
 >>> tracker = FrameTracker()
@@ -74,6 +76,10 @@ class FrameTracker:
         self._max_gap = max_gap
         self._pending: dict[str, FrameHeader] = {}
         self._deadlines: list[tuple[int, str]] = []  # heap; entries of decided frames stay
+        # Per camera, a heap of announced seqs; entries of decided frames stay until they
+        # reach the top (lowest_pending_seq) or the heaps are compacted (_compact).
+        self._seqs: dict[str, list[tuple[int, str]]] = {}
+        self._seq_entries = 0
         self._done: OrderedDict[str, str] = OrderedDict()  # frame id -> how it ended
 
     @property
@@ -92,8 +98,31 @@ class FrameTracker:
             return False
         self._pending[frame_id] = header
         heapq.heappush(self._deadlines, (header.deadline_ns, frame_id))
+        heapq.heappush(self._seqs.setdefault(header.camera, []), (header.seq, frame_id))
+        self._seq_entries += 1
         self.counters.announced += 1
         return True
+
+    def lowest_pending_seq(self, camera: str) -> int | None:
+        """The lowest seq of ``camera`` announced and not decided yet; None if there is none.
+
+        Amortised O(log n): each decided frame's entry is dropped once, when it is on top.
+        """
+        heap = self._seqs.get(camera)
+        while heap and heap[0][1] not in self._pending:
+            heapq.heappop(heap)
+            self._seq_entries -= 1
+        if not heap:
+            self._seqs.pop(camera, None)
+            return None
+        return heap[0][0]
+
+    def pending_before(self, camera: str, seq: int) -> list[FrameHeader]:
+        """Pending frames of ``camera`` with a seq below ``seq``, lowest first (O(pending))."""
+        return sorted(
+            (h for h in self._pending.values() if h.camera == camera and h.seq < seq),
+            key=lambda h: h.seq,
+        )
 
     def complete(self, frame_id: str) -> bool:
         """A result arrived: True the first time (announced or not), False after that."""
@@ -170,7 +199,19 @@ class FrameTracker:
         self._done[frame_id] = outcome
         if len(self._done) > self._recent:
             self._done.popitem(last=False)
-        if len(self._deadlines) > 4 * max(len(self._pending), 1024):
-            # Drop heap entries of decided frames so the heap stays as small as pending.
-            self._deadlines = [(d, f) for d, f in self._deadlines if f in self._pending]
-            heapq.heapify(self._deadlines)
+        limit = 4 * max(len(self._pending), 1024)
+        if len(self._deadlines) > limit or self._seq_entries > limit:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop heap entries of decided frames so the heaps stay as small as pending."""
+        self._deadlines = [(d, f) for d, f in self._deadlines if f in self._pending]
+        heapq.heapify(self._deadlines)
+        for camera, heap in list(self._seqs.items()):
+            kept = [(s, f) for s, f in heap if f in self._pending]
+            if kept:
+                heapq.heapify(kept)
+                self._seqs[camera] = kept
+            else:
+                del self._seqs[camera]
+        self._seq_entries = sum(len(h) for h in self._seqs.values())
