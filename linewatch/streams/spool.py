@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from linewatch.log import get_logger
 from linewatch.streams.records import (
+    AlarmRecord,
     DefectRecord,
     RejectRecord,
     VerdictBatch,
@@ -31,7 +32,8 @@ from linewatch.streams.records import (
 
 log = get_logger("spool")
 
-SpoolItem = VerdictBatch
+# A frame's records, or an alarm of the decision service (camera status).
+SpoolItem = VerdictBatch | AlarmRecord
 
 _SEGMENT_GLOB = "segment-*.jsonl"
 _REFUSAL_LOG_EVERY = 100  # a full spool refuses every record; log the first and every 100th
@@ -198,6 +200,8 @@ def _fsync_dir(directory: Path) -> None:
 
 def encode_item(item: SpoolItem) -> str:
     """One spool line (JSON, no newline); records are kept as their flat stream fields."""
+    if isinstance(item, AlarmRecord):
+        return json.dumps({"type": "alarm", "alarm": item.to_fields()}, separators=(",", ":"))
     payload: dict[str, Any] = {
         "type": "verdict",
         "verdict": item.verdict.to_fields(),
@@ -211,6 +215,8 @@ def encode_item(item: SpoolItem) -> str:
 def decode_item(line: str | bytes) -> SpoolItem:
     """Parse one spool line; raises ValueError (or KeyError/TypeError) if it is not one."""
     payload = json.loads(line)
+    if payload["type"] == "alarm":
+        return AlarmRecord.from_fields(payload["alarm"])
     if payload["type"] != "verdict":
         raise ValueError(f"unknown spool item type {payload['type']!r}")
     reject = payload["reject"]

@@ -1,9 +1,15 @@
-"""Writes a line's verdicts, defects, rejects and heatmaps to Redis streams.
+"""Writes a line's verdicts, defects, rejects and heatmaps, and the decision service's
+alarms, to Redis streams.
 
 One frame's records are written by one Lua script, so they appear together or not
 at all, and only once: the script sets ``linewatch:<line>:done:<frame_id>`` (with a
 TTL) and refuses a frame whose key exists. A re-delivered result, a restarted
 decision service or a spool drained twice therefore never duplicates a verdict.
+
+Alarms written here are those only the decision service can raise (camera status
+that acquisition reports to it); they are idempotent the same way, by
+``linewatch:<line>:alarm_done:<kind>:<camera>:<ts_ns>``. The alarms consumer writes
+its own rules' alarms itself, together with its acknowledgements.
 
 When Redis cannot be reached the records go to the on-disk :class:`Spool` and are
 drained, in order, once Redis answers again; ``write_verdict`` never raises for an
@@ -22,6 +28,7 @@ import redis
 from linewatch.config import DecisionConfig, RedisConfig
 from linewatch.log import get_logger
 from linewatch.streams.records import (
+    AlarmRecord,
     DefectRecord,
     RejectRecord,
     StreamKeys,
@@ -72,6 +79,17 @@ redis.call('HDEL', KEYS[5], ARGV[6])
 return id
 """
 
+# KEYS: the alarm's done key, the alarms stream. ARGV: dedupe ttl, alarms maxlen, then
+# the alarm's fields k1 v1 ... kn vn.
+_WRITE_ALARM_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return false
+end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+redis.call('SET', KEYS[1], id, 'EX', ARGV[1])
+return id
+"""
+
 
 @dataclass
 class WriterCounters:
@@ -82,6 +100,7 @@ class WriterCounters:
     spooled: int = 0
     refused: int = 0
     drained: int = 0
+    alarms: int = 0
     redis_errors: int = 0
 
 
@@ -113,6 +132,7 @@ class StreamWriter:
         self.counters = WriterCounters()
         self._clock = clock
         self._script = client.register_script(_WRITE_FRAME_LUA)
+        self._alarm_script = client.register_script(_WRITE_ALARM_LUA)
         self._next_try = 0.0  # while records are spooled, Redis is tried again from then on
 
     # ------------------------------------------------------------------ verdicts
@@ -159,6 +179,20 @@ class StreamWriter:
         tmp.write_bytes(png)
         tmp.replace(path)  # readers never see half a file
         return str(path)
+
+    # ------------------------------------------------------------------ alarms
+
+    def write_alarm(self, alarm: AlarmRecord) -> bool:
+        """Append an alarm once per kind, camera and ``ts_ns``; spooled while Redis is away.
+
+        True when written now or spooled; False when written before (a duplicate) or a
+        full spool refused it (logged as an error and counted).
+        """
+        return self._write(alarm)
+
+    def alarm_done_key(self, alarm: AlarmRecord) -> str:
+        """Dedupe key of an alarm: ``linewatch:<line>:alarm_done:<kind>:<camera>:<ts_ns>``."""
+        return f"{self.keys.prefix}alarm_done:{alarm.kind}:{alarm.camera or ''}:{alarm.ts_ns}"
 
     # ------------------------------------------------------------------ pending frames
 
@@ -247,12 +281,26 @@ class StreamWriter:
         return False
 
     def _write_redis(self, item: SpoolItem) -> bool:
+        if isinstance(item, AlarmRecord):
+            return self._write_alarm_redis(item)
         entry_id = self._script(keys=self._script_keys(item), args=self._script_args(item))
         if entry_id is None:
             self.counters.duplicates += 1
             log.info("verdict_duplicate_ignored", frame_id=item.frame_id)
             return False
         self.counters.written += 1
+        return True
+
+    def _write_alarm_redis(self, alarm: AlarmRecord) -> bool:
+        keys = [self.alarm_done_key(alarm), self.keys.alarms]
+        fields = [x for kv in alarm.to_fields().items() for x in kv]
+        args: list[Any] = [self.cfg.dedupe_ttl_s, self.cfg.alarms_maxlen, *fields]
+        if self._alarm_script(keys=keys, args=args) is None:
+            self.counters.duplicates += 1
+            log.info("alarm_duplicate_ignored", kind=alarm.kind, camera=alarm.camera,
+                     ts_ns=alarm.ts_ns)
+            return False
+        self.counters.alarms += 1
         return True
 
     def _script_keys(self, batch: VerdictBatch) -> list[str]:
