@@ -26,9 +26,13 @@ Alarm kinds (``AlarmRecord.kind``), each per camera:
   because rejects are by definition outside the learnt distribution.
 
 Except for silence, which alarms once per silence, an alarm of a kind repeats for a
-camera at most once per ``cooldown_s``. Camera state changes that acquisition reports
-(``CameraStatus``) go to the decision service only and are in no stream, so a lost
-camera shows up here as ``camera_silent``.
+camera at most once per ``cooldown_s``.
+
+Camera state changes that acquisition reports (``CameraStatus``) reach the decision
+service only, so the decision service writes their alarms to the same stream itself:
+``camera_lost`` (critical) and ``camera_reconnected`` (info), once per camera and
+status time (see :mod:`linewatch.decision.service`). ``camera_silent`` stays, for what
+no status reports: an acquisition process that died, a decision service that is down.
 
 The consumer reads through the group ``alarms.group``, created at the end of the
 streams (``$``): a new group judges the line from now on, not its history. Rule

@@ -12,24 +12,41 @@ verdict, with its defects and, for a reject, a reject record:
 - a frame acquisition never delivered (gap): fail-safe ``missed_frame``;
 - a frame a worker could not score: fail-safe with the worker's reason.
 
+Verdicts (and rejects) are written in seq order per camera, as a reject gate's FIFO
+needs: a decided frame waits in :class:`~linewatch.decision.ordering.VerdictOrder`
+until every lower seq of its camera that the tracker knows is pending has its
+verdict. Seqs nobody announced never hold anything back, and a pending frame is
+decided by its deadline at the latest, so the wait is bounded. On the way out, frames
+still pending below a held one are rejected fail-safe (``decision_stopped``) so that
+everything held can be written, in order; the rest stay pending for the successor.
+
 Announced frames are also kept in Redis until decided, so a restarted service
-still times out the frames its predecessor held; writes are idempotent by frame
-id, so a result delivered again after a restart is not a second verdict.
+still times out the frames its predecessor held (and orders them with its own);
+writes are idempotent by frame id, so a result delivered again after a restart is
+not a second verdict.
+
+Camera status from acquisition becomes an alarm on ``linewatch:<line>:alarms``: a
+lost camera ``camera_lost`` (critical), a reconnected one ``camera_reconnected``
+(info); written once per camera and status time, and spooled with the verdicts
+while Redis is away.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import redis
 import zmq
 
 from linewatch.config import LineConfig
+from linewatch.decision.ordering import VerdictOrder
 from linewatch.decision.postprocess import Region, find_regions, render_heatmap, smooth_maps
 from linewatch.decision.tracker import FrameTracker, MissedFrame
 from linewatch.lifecycle import notify_ready, run_until_signalled
@@ -41,6 +58,7 @@ from linewatch.streams.records import (
     REASON_MISSED_FRAME,
     REASON_OK,
     REASON_TIMEOUT,
+    AlarmRecord,
     DefectRecord,
     RejectRecord,
     VerdictBatch,
@@ -68,6 +86,16 @@ log = get_logger("decision")
 _RECEIVE_BATCH = 1000  # messages taken per wake-up before deadlines are checked again
 _STATS_EVERY_S = 60.0
 
+# Fail-safe reason of a frame still pending below a held one when the service stops:
+# rejected so that the frames held behind it are written in order.
+REASON_STOPPED = "decision_stopped"
+
+# Camera states that raise an alarm: kind and severity.
+_CAMERA_ALARMS: dict[str, tuple[str, Literal["info", "warning", "critical"]]] = {
+    "lost": ("camera_lost", "critical"),
+    "reconnected": ("camera_reconnected", "info"),
+}
+
 
 @dataclass
 class DecisionCounters:
@@ -82,16 +110,19 @@ class DecisionCounters:
     timeouts: int = 0
     missed: int = 0
     failed: int = 0
+    stopped: int = 0
     ignored_results: int = 0
     camera_status: int = 0
+    alarms: int = 0
     errors: int = 0
 
 
 class DecisionService:
     """Turns a line's results and notices into verdicts on its Redis streams.
 
-    ``on_camera_status`` is called with each camera status notice (e.g. to raise an
-    alarm). ``clock_ns`` gives wall-clock ns since the epoch, as deadlines are.
+    ``on_camera_status`` is called with each camera status notice, after its alarm
+    (if any) was written. ``clock_ns`` gives wall-clock ns since the epoch, as
+    deadlines are.
     """
 
     def __init__(
@@ -106,6 +137,7 @@ class DecisionService:
         self.cfg = cfg
         self.writer = writer or StreamWriter(client, cfg.line, cfg.redis, cfg.decision)
         self.tracker = FrameTracker(max_gap=cfg.decision.max_gap_frames)
+        self.order: VerdictOrder[VerdictBatch] = VerdictOrder()
         self.counters = DecisionCounters()
         self.bad_messages = BadMessageCounter("decision")
         self.ready = threading.Event()  # set once the socket is bound
@@ -127,8 +159,9 @@ class DecisionService:
     def run(self, stop_event: threading.Event | None = None) -> None:
         """Bind, serve until ``stop_event`` (or :meth:`stop`) is set, then shut down cleanly.
 
-        On the way out, messages already queued are decided, due deadlines expire and
-        the spool is flushed to Redis if it is reachable.
+        On the way out, messages already queued are decided, due deadlines expire,
+        every held verdict is written in order (see the module docstring) and the spool
+        is flushed to Redis if it is reachable.
         """
         stop = stop_event or self._stop
         transport = self.cfg.transport
@@ -145,6 +178,7 @@ class DecisionService:
                 self.tick()
             finally:
                 sock.close()
+                self.flush_order()
                 self.writer.flush()
                 log.info("decision_stopped", **self.stats())
 
@@ -185,18 +219,45 @@ class DecisionService:
     def tick(self) -> None:
         """Fail-safe verdicts for frames past their deadline; retry a spooled backlog."""
         now = self._clock_ns()
+        cameras = set()
         for header in self.tracker.expire(now):
             self.counters.timeouts += 1
-            self._write(self._fail_safe(header, REASON_TIMEOUT, now))
+            self._hold(self._fail_safe(header, REASON_TIMEOUT, now), now)
+            cameras.add(header.camera)
+        for camera in sorted(cameras):
+            self._release(camera, now)
         self.writer.flush(force=False)
+
+    def flush_order(self) -> None:
+        """Write every held verdict, in order, for a stop.
+
+        A frame still pending below a held one of its camera would have to be written
+        first but has no verdict yet: it is rejected fail-safe (``decision_stopped``).
+        Pending frames above every held one stay pending, for the next run.
+        """
+        now = self._clock_ns()
+        for camera in self.order.cameras():
+            highest = self.order.highest_held(camera)
+            blockers = self.tracker.pending_before(camera, highest) if highest is not None else []
+            for header in blockers:
+                if self.tracker.fail(header, REASON_STOPPED):
+                    self.counters.stopped += 1
+                    self._hold(self._fail_safe(header, REASON_STOPPED, now), now)
+            if blockers:
+                log.warning("pending_rejected_on_stop", camera=camera, frames=len(blockers),
+                            first_seq=blockers[0].seq, last_seq=blockers[-1].seq)
+        for batch in self.order.drain(now):
+            self._write(batch)
 
     def stats(self) -> dict[str, int]:
         """Every counter of the service, its tracker and its writer, flat."""
         merged = {f"decision_{k}": v for k, v in asdict(self.counters).items()}
         merged |= {f"tracker_{k}": v for k, v in asdict(self.tracker.counters).items()}
+        merged |= {f"order_{k}": v for k, v in asdict(self.order.counters).items()}
         merged |= {f"writer_{k}": v for k, v in asdict(self.writer.counters).items()}
         merged["bad_messages"] = self.bad_messages.total
         merged["pending"] = self.tracker.pending_count
+        merged["held"] = self.order.held_count
         return merged
 
     # ------------------------------------------------------------------ messages
@@ -235,12 +296,15 @@ class DecisionService:
             self.counters.errors += 1
             log.exception("decide_failed", frame_id=frame.frame_id)
             batch = self._fail_safe(frame, REASON_BAD_RESULT, now, result)
-        self._write(batch)
+        self._hold(batch, now)
+        self._release(frame.camera, now)
 
     def _on_failed(self, message: FrameFailed) -> None:
         if self.tracker.fail(message.frame, message.reason):
             self.counters.failed += 1
-            self._write(self._fail_safe(message.frame, message.reason, self._clock_ns()))
+            now = self._clock_ns()
+            self._hold(self._fail_safe(message.frame, message.reason, now), now)
+            self._release(message.frame.camera, now)
         else:
             self.counters.ignored_results += 1
 
@@ -252,13 +316,43 @@ class DecisionService:
         now = self._clock_ns()
         for frame in missed:
             self.counters.missed += 1
-            self._write(self._missed(frame, notice.deadline_ns, now))
+            self._hold(self._missed(frame, notice.deadline_ns, now), now)
+        if missed:
+            self._release(notice.camera, now)
 
     def _on_camera(self, status: CameraStatus) -> None:
         self.counters.camera_status += 1
         log.info("camera_status", camera=status.camera, state=status.state, detail=status.detail)
+        alarm = self._camera_alarm(status)
+        if alarm is not None and self.writer.write_alarm(alarm):
+            self.counters.alarms += 1
         if self._on_camera_status is not None:
             self._on_camera_status(status)
+
+    @staticmethod
+    def _camera_alarm(status: CameraStatus) -> AlarmRecord | None:
+        kind_severity = _CAMERA_ALARMS.get(status.state)
+        if kind_severity is None:
+            return None  # connected, stopped: expected, nothing for the operator
+        kind, severity = kind_severity
+        detail = f": {status.detail}" if status.detail else ""
+        return AlarmRecord(
+            kind=kind, severity=severity, camera=status.camera, ts_ns=status.ts_ns,
+            message=f"{status.camera}: camera {status.state}{detail}",
+            details_json=json.dumps({"state": status.state, "detail": status.detail},
+                                    sort_keys=True),
+        )
+
+    def _hold(self, batch: VerdictBatch, now: int) -> None:
+        """Queue a decided frame for writing in its camera's seq order."""
+        verdict = batch.verdict
+        self.order.hold(verdict.camera, verdict.seq, batch, now)
+
+    def _release(self, camera: str, now: int) -> None:
+        """Write the held verdicts of ``camera`` that no pending frame precedes."""
+        lowest = self.tracker.lowest_pending_seq(camera)
+        for batch in self.order.release(camera, lowest, now):
+            self._write(batch)
 
     def _write(self, batch: VerdictBatch) -> None:
         verdict = batch.verdict
