@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import redis
 
@@ -28,13 +28,18 @@ from linewatch.streams.records import (
 from linewatch.streams.server import EmbeddedRedis, free_port
 from linewatch.wire import FrameHeader
 
+if TYPE_CHECKING:
+    from linewatch.runtime.line import LineRunner
+
 __all__ = [
     "frame_header",
     "free_port",
     "read_records",
     "read_stream",
     "redis_server",
+    "running_line",
     "sample_batch",
+    "tiny_model",
     "wait_until",
 ]
 
@@ -135,3 +140,62 @@ def sample_batch(
         else None
     )
     return VerdictBatch(verdict, defects, reject_record)
+
+
+# --------------------------------------------------------------------------- whole lines
+
+
+def tiny_model(directory: Path | str, *, size: int = 64, epochs: int = 2,
+               surface: str = "brushed_metal") -> tuple[Path, Path]:
+    """A small synthetic data set and a model trained and calibrated on it, in ``directory``.
+
+    Made once per directory (a second call reuses them). Returns (data set root, model file).
+    Seconds on a CPU: for tests of the pipeline, not for measuring the model.
+    """
+    from linewatch.data.synth import write_dataset
+    from linewatch.model.settings import ModelSettings, TrainSettings
+    from linewatch.model.train import train
+
+    root = Path(directory)
+    data, model = root / "data", root / "model.lwm"
+    if not (data / "split.csv").exists():
+        write_dataset(data, seed=0, size=size, n_good=30, n_defect=4, surface=surface,
+                      overwrite=True)
+    if not model.exists():
+        train(data, model, ModelSettings(size=size), TrainSettings(epochs=epochs, seed=0),
+              progress=False)
+    return data, model
+
+
+@contextmanager
+def running_line(config_path: Path | str, redis_url: str, log_dir: Path | str,
+                 consumers: bool = False) -> Iterator[LineRunner]:
+    """The line of ``config_path`` running (real processes) against ``redis_url``.
+
+    Each process writes its output to ``log_dir/<process>.log``. The line is stopped
+    front to back on exit.
+    """
+    import os
+    import threading
+
+    from linewatch.config import load_config
+    from linewatch.runtime.line import LineRunner
+
+    previous = os.environ.get("LINEWATCH_REDIS__URL")
+    os.environ["LINEWATCH_REDIS__URL"] = redis_url
+    try:
+        config = load_config(config_path)
+        runner = LineRunner(Path(config_path), config, consumers=consumers,
+                            log_dir=Path(log_dir))
+        thread = threading.Thread(target=runner.run, name="line", daemon=True)
+        thread.start()
+        try:
+            yield runner
+        finally:
+            runner.stop()
+            thread.join(timeout=120)
+    finally:
+        if previous is None:
+            os.environ.pop("LINEWATCH_REDIS__URL", None)
+        else:
+            os.environ["LINEWATCH_REDIS__URL"] = previous

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
 from linewatch.streams.server import EmbeddedRedis
 from linewatch.testing import redis_server as _redis_server
+from linewatch.testing import tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +37,9 @@ def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
 def line_name() -> str:
     """A line name no other test uses, so stream keys never collide."""
     return f"test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def tiny_line_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A synthetic data set and a small model trained and calibrated on it (once per session)."""
+    return tiny_model(tmp_path_factory.mktemp("tiny-model"))

@@ -123,3 +123,18 @@ def test_stages_start_back_to_front_once_each_is_ready(tmp_path: Path) -> None:
         thread.join(timeout=60)
     assert starts.read_text().split() == ["decide:False", "acquire:True"]
     assert sup.restarts == {"acquire": 0, "decide": 0}
+
+
+def test_configuration_error_stops_the_line_instead_of_restarting(tmp_path: Path) -> None:
+    specs = [
+        ProcessSpec("bad", (sys.executable, "-c", "import sys; sys.exit(2)"), stage=0),
+        ProcessSpec("other", (sys.executable, "-c", SLEEPER, str(tmp_path / "o"), "other"),
+                    stage=1),
+    ]
+    sup = Supervisor(specs, backoff=BackoffPolicy(initial_s=0.01), poll_s=0.02)
+    thread = threading.Thread(target=sup.run)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert sup.failed is not None and "bad" in sup.failed
+    assert sup.restarts == {"bad": 0, "other": 0}

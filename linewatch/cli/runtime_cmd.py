@@ -12,6 +12,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument("config", type=Path, help="line configuration (TOML)")
     run.add_argument("--no-consumers", action="store_true",
                      help="do not start the plc and alarms consumers")
+    run.add_argument("--log-dir", type=Path, default=None,
+                     help="write each process's output to DIR/<process>.log (default: stderr)")
     run.set_defaults(func=_run)
     infer = subparsers.add_parser("infer", help="run one batched inference worker")
     infer.add_argument("config", type=Path, help="line configuration (TOML)")
@@ -37,7 +39,9 @@ def _run(args: argparse.Namespace) -> int:
     from linewatch.runtime.line import LineRunner
 
     config = load_config(args.config)
-    run_until_signalled(LineRunner(args.config, config, consumers=not args.no_consumers))
+    runner = LineRunner(args.config, config, consumers=not args.no_consumers,
+                        log_dir=args.log_dir)
+    run_until_signalled(runner)
     return 0
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from linewatch.config import LineConfig
+from linewatch.errors import ConfigError
 from linewatch.log import get_logger
 from linewatch.runtime.supervisor import ProcessSpec, Supervisor, linewatch_argv
 
@@ -73,6 +74,7 @@ class LineRunner:
     config_path: Path
     config: LineConfig
     consumers: bool = True
+    log_dir: Path | None = None
     supervisor: Supervisor | None = None
     _stopping: bool = False
 
@@ -91,9 +93,13 @@ class LineRunner:
         data_dir = Path(self.config.redis.spool_dir).parent / "redis-data"
         with line_redis(self.config, data_dir) as url:
             specs = line_processes(self.config_path, self.config, consumers=self.consumers)
-            self.supervisor = Supervisor(specs, env={"LINEWATCH_REDIS__URL": url})
+            self.supervisor = Supervisor(
+                specs, env={"LINEWATCH_REDIS__URL": url}, log_dir=self.log_dir
+            )
             if self._stopping:
                 self.supervisor.stop()
             log.info("line_starting", line=self.config.line, redis=url, processes=len(specs))
             self.supervisor.run()
+            if self.supervisor.failed:
+                raise ConfigError(f"line {self.config.line} stopped: {self.supervisor.failed}")
             return self.supervisor.restarts

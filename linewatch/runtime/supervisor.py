@@ -23,6 +23,9 @@ from linewatch.log import get_logger
 
 log = get_logger("supervisor")
 
+CONFIG_ERROR_EXIT = 2
+"""Exit code of a process that refused its configuration (ConfigError, usage error)."""
+
 
 @dataclass(frozen=True)
 class ProcessSpec:
@@ -77,7 +80,8 @@ class Supervisor:
     """Runs :class:`ProcessSpec` children until :meth:`stop` is called.
 
     A child that exits non-zero (or is killed) is restarted after a back-off; one
-    that exits 0 has finished its work (a finite source) and stays down.
+    that exits 0 has finished its work (a finite source) and stays down; one that
+    exits 2 refused its configuration, and the whole line is stopped (``failed``).
     """
 
     specs: Sequence[ProcessSpec]
@@ -85,6 +89,10 @@ class Supervisor:
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     poll_s: float = 0.2
     ready_timeout_s: float = 120.0
+    log_dir: Path | None = None
+    """Write each child's output to ``<log_dir>/<name>.log`` instead of our stderr."""
+    failed: str | None = None
+    """Why the line stopped by itself (a process's configuration error), else None."""
     _children: list[_Child] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _ready_dir: Path = field(default_factory=Path)
@@ -145,8 +153,14 @@ class Supervisor:
     def _start(self, child: _Child) -> None:
         env = {**os.environ, **self.env, READY_FILE_ENV: str(self._ready_file(child))}
         self._ready_file(child).unlink(missing_ok=True)
-        # Children's stdout carries their exit summaries; keep ours for our own results.
-        child.process = subprocess.Popen(child.spec.argv, env=env, stdout=sys.stderr)
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with (self.log_dir / f"{child.spec.name}.log").open("ab") as out:
+                child.process = subprocess.Popen(child.spec.argv, env=env, stdout=out,
+                                                 stderr=subprocess.STDOUT)
+        else:
+            # Children's stdout carries their exit summaries; keep ours for our own results.
+            child.process = subprocess.Popen(child.spec.argv, env=env, stdout=sys.stderr)
         child.launched = True
         child.started_at = time.monotonic()
         log.info("process_started", process=child.spec.name, pid=child.process.pid)
@@ -157,7 +171,13 @@ class Supervisor:
             if not child.launched:
                 continue  # its stage has not been started yet
             proc = child.process
-            if proc is not None and proc.poll() == 0:
+            if proc is not None and proc.poll() == CONFIG_ERROR_EXIT:
+                # A configuration error does not heal by restarting: stop the whole line.
+                log.error("process_config_error", process=child.spec.name)
+                self.failed = f"{child.spec.name}: configuration error (exit {CONFIG_ERROR_EXIT})"
+                child.process, child.finished = None, True
+                self._stop.set()
+            elif proc is not None and proc.poll() == 0:
                 # A finite source (a folder replayed once) ends with 0: done, not crashed.
                 log.info("process_finished", process=child.spec.name)
                 child.process, child.finished = None, True
