@@ -1,0 +1,432 @@
+"""The joint MDAAE / SA-GAN model and its anomaly map (method.md §3, eq. 15).
+
+``A(x) = w_f norm(A_feat) + w_p norm(diag(Att) . |x - G(x)|) + lambda_D norm(A_disc)
++ w_m norm(A_mem)``, Gaussian-smoothed; the image score is its max (or top-k mean).
+
+- ``A_feat``: MDAAE feature reconstruction distance (eq. 7, L2 or 1 - SSIM).
+- ``A_pix``: the generator's image residual weighted by the diagonal of its self-attention.
+- ``A_disc``: distance between D's attended features of ``x`` and ``G(x)`` (the feature
+  matching term of eq. 13 read per position), so only D's feature layers run at scoring.
+- ``A_mem``: distance of each fused feature ``Phi(i, j)`` to its nearest neighbour in a
+  coreset of normal fused features (the paper's memory bank of normal samples).
+
+``norm`` is an affine map per term fitted on defect-free validation images (see
+:class:`TermNorm`), so that no term dominates by its units and the joint map is in "standard
+deviations above the typical good image". The same :class:`JointModel` serves every ablation
+variant; parts a variant switches off are simply absent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from linewatch.model.mdaae import MDAAE, MDAAEOutput, feature_distance_map
+from linewatch.model.sagan import Discriminator, Generator, ImageEncoder, attention_mask
+from linewatch.model.settings import TERMS, ModelSettings
+
+__all__ = [
+    "JointForward",
+    "JointModel",
+    "Normalisation",
+    "TermNorm",
+    "build_memory_bank",
+    "gaussian_blur",
+    "reduce_map",
+]
+
+
+class TermNorm(BaseModel):
+    """``norm(A) = (A - offset) / scale`` for one term."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    offset: float = 0.0
+    scale: float = Field(1.0, gt=0)
+
+
+class Normalisation(BaseModel):
+    """Per-term normalisation, fitted on defect-free images; stored in the model file.
+
+    ``offset``/``scale`` are the mean/std over good images of the term's per-image score
+    (max or top-k mean of its smoothed map), so a joint score of 3 reads "three standard
+    deviations above a typical good image" whatever the term's own units.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    terms: dict[str, TermNorm] = Field(default_factory=dict)
+    source: str = Field("none", description="which images the statistics came from")
+    n_images: int = Field(0, ge=0)
+
+    def get(self, term: str) -> TermNorm:
+        """The normalisation of ``term``; identity when not fitted."""
+        return self.terms.get(term, TermNorm())
+
+
+@dataclass
+class JointForward:
+    """What one pass of the networks produced; the terms are computed from it."""
+
+    x: Tensor
+    targets: list[Tensor] | None = None
+    ae: MDAAEOutput | None = None
+    z: Tensor | None = None
+    x_hat: Tensor | None = None
+    att: Tensor | None = None
+
+
+class JointModel(nn.Module):
+    """All trainable networks of one variant plus the memory bank (a buffer).
+
+    The frozen backbone is not part of it: its weights ship with the package and it runs once
+    per frame outside, so the model file holds only what training produced.
+    """
+
+    pos_mean: Tensor
+    pos_std: Tensor
+
+    def __init__(
+        self,
+        settings: ModelSettings,
+        level_channels: Sequence[int] = (),
+        level_strides: Sequence[int] = (),
+    ) -> None:
+        super().__init__()
+        self.settings = s = settings
+        self.mdaae: MDAAE | None = None
+        self.image_encoder: ImageEncoder | None = None
+        self.generator: Generator | None = None
+        self.discriminator: Discriminator | None = None
+        latent_stride = s.latent_total_stride
+        if s.mdaae:
+            self.mdaae = MDAAE(
+                level_channels,
+                level_strides,
+                s.fusion_stride,
+                s.proj_channels,
+                s.fused_channels,
+                s.latent_channels,
+                s.latent_stride,
+                s.tau,
+            )
+        elif s.generator != "none":
+            self.image_encoder = ImageEncoder(
+                s.latent_channels, latent_stride, s.gen_channels, s.generator == "sa", s.heads
+            )
+        if s.generator != "none":
+            self.generator = Generator(
+                s.latent_channels, latent_stride, s.gen_channels, s.generator == "sa", s.heads
+            )
+        if s.discriminator != "none":
+            self.discriminator = Discriminator(
+                latent_stride, s.disc_channels, s.latent_channels, s.discriminator == "sa", s.heads
+            )
+        n_levels = len(s.levels)
+        self.level_weights = s.level_weights or tuple(1.0 / n_levels for _ in range(n_levels))
+        self.memory = NormalMemory(s.memory, s.fused_channels) if s.mdaae else None
+        # Per-position statistics of each raw term map (TERMS order) on a grid of size/4.
+        grid = max(s.size // 4, 1)
+        self.register_buffer("pos_mean", torch.zeros(len(TERMS), grid, grid))
+        self.register_buffer("pos_std", torch.ones(len(TERMS), grid, grid))
+        self.norm = Normalisation()
+
+    # ------------------------------------------------------------------ parameters
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """Everything the reconstruction side trains (MDAAE, image encoder, G)."""
+        parts = (self.mdaae, self.image_encoder, self.generator)
+        return [p for m in parts if m is not None for p in m.parameters()]
+
+    def load_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        """Load a state dict from a model file; memory buffers take the stored shapes."""
+        if self.memory is not None:
+            self.memory.take_shapes(tensors, "memory.")
+        self.load_state_dict(dict(tensors), strict=True)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, feats: Sequence[Tensor] | None = None) -> JointForward:
+        """Run the reconstruction side: MDAAE on ``feats`` and/or G on ``x``."""
+        out = JointForward(x=x)
+        if self.mdaae is not None:
+            if feats is None:
+                raise ValueError("this variant needs backbone features")
+            out.targets = self.mdaae.standardise(feats)
+            out.ae = self.mdaae(out.targets)
+            out.z = out.ae.z
+        elif self.image_encoder is not None:
+            out.z = self.image_encoder(x)
+        if self.generator is not None and out.z is not None:
+            out.x_hat, out.att = self.generator(out.z)
+        return out
+
+    # ------------------------------------------------------------------ anomaly terms
+    def term_maps(
+        self, fwd: JointForward, terms: Iterable[str], position_norm: bool = True
+    ) -> dict[str, Tensor]:
+        """Maps (B, 1, H, W) of the requested terms, not smoothed.
+
+        With ``position_norm`` (and the setting on) each map is standardised per pixel
+        position with :meth:`fit_position_norm`'s statistics; otherwise raw.
+        """
+        maps = self._raw_term_maps(fwd, terms)
+        if position_norm and self.settings.position_norm:
+            maps = {t: self._position_normalise(t, m) for t, m in maps.items()}
+        return maps
+
+    def fit_position_norm(self, batches: Iterable[JointForward]) -> None:
+        """Per-position mean and std of every available raw term over normal images."""
+        terms = self.available_terms()
+        grid = (int(self.pos_mean.shape[-2]), int(self.pos_mean.shape[-1]))
+        sums: dict[str, Tensor] = {}
+        squares: dict[str, Tensor] = {}
+        n = 0
+        for fwd in batches:
+            for t, m in self._raw_term_maps(fwd, terms).items():
+                g = F.adaptive_avg_pool2d(m.double(), grid)[:, 0]
+                sums[t] = sums.get(t, 0) + g.sum(0)
+                squares[t] = squares.get(t, 0) + g.pow(2).sum(0)
+            n += fwd.x.shape[0]
+        if n < 2:
+            raise ValueError("position normalisation needs at least 2 images")
+        for t in terms:
+            i = TERMS.index(t)
+            mean = sums[t] / n
+            var = (squares[t] - n * mean.pow(2)) / (n - 1)
+            std = var.clamp_min(0).sqrt()
+            # A floor: a position that never varies must not turn noise into alarms.
+            self.pos_mean[i] = mean.float()
+            self.pos_std[i] = std.clamp_min(0.05 * float(std.mean()) + 1e-12).float()
+
+    def _position_normalise(self, term: str, m: Tensor) -> Tensor:
+        i = TERMS.index(term)
+        size = (m.shape[-2], m.shape[-1])
+        stats = torch.stack([self.pos_mean[i], self.pos_std[i]])[None]
+        stats = F.interpolate(stats, size=size, mode="bilinear", align_corners=False)
+        return (m - stats[:, :1]) / stats[:, 1:]
+
+    def _raw_term_maps(self, fwd: JointForward, terms: Iterable[str]) -> dict[str, Tensor]:
+        size = (fwd.x.shape[-2], fwd.x.shape[-1])
+        maps: dict[str, Tensor] = {}
+        for term in terms:
+            if term == "feat":
+                maps[term] = self._feat_map(fwd, size)
+            elif term == "pix":
+                maps[term] = self._pix_map(fwd, size)
+            elif term == "disc":
+                maps[term] = self._disc_map(fwd, size)
+            elif term == "mem":
+                maps[term] = self._mem_map(fwd, size)
+            else:
+                raise ValueError(f"unknown score term {term!r}; known: {', '.join(TERMS)}")
+        return maps
+
+    def available_terms(self) -> tuple[str, ...]:
+        """The terms this variant can compute."""
+        have = {
+            "feat": self.mdaae is not None,
+            "pix": self.generator is not None,
+            "disc": self.discriminator is not None,
+            "mem": self.memory is not None and self.memory.ready,
+        }
+        return tuple(t for t in TERMS if have[t])
+
+    def _feat_map(self, fwd: JointForward, size: tuple[int, int]) -> Tensor:
+        assert fwd.ae is not None and fwd.targets is not None
+        s = self.settings
+        return feature_distance_map(
+            fwd.ae.recon, fwd.targets, self.level_weights, s.feature_distance, size, s.ssim_window
+        )
+
+    def _pix_map(self, fwd: JointForward, size: tuple[int, int]) -> Tensor:
+        assert fwd.x_hat is not None
+        residual = (fwd.x - fwd.x_hat).abs().mean(1, keepdim=True)
+        if fwd.att is not None and fwd.z is not None:
+            grid = (int(fwd.z.shape[-2]), int(fwd.z.shape[-1]))
+            residual = residual * attention_mask(fwd.att, size, grid)
+        return residual
+
+    def _disc_map(self, fwd: JointForward, size: tuple[int, int]) -> Tensor:
+        assert self.discriminator is not None and fwd.x_hat is not None
+        real = self.discriminator.features(fwd.x)[-1]
+        fake = self.discriminator.features(fwd.x_hat)[-1]
+        d = (real - fake).pow(2).mean(1, keepdim=True)
+        return F.interpolate(d, size=size, mode="bilinear", align_corners=False)
+
+    def _mem_map(self, fwd: JointForward, size: tuple[int, int]) -> Tensor:
+        assert fwd.ae is not None and self.memory is not None
+        d = self.memory.distance(fwd.ae.phi)
+        return F.interpolate(d, size=size, mode="bilinear", align_corners=False)
+
+    # ------------------------------------------------------------------ joint map
+    def joint_map(self, maps: Mapping[str, Tensor]) -> Tensor:
+        """``sum_t w_t norm_t(smooth(A_t))`` (B, 1, H, W) over the weighted terms."""
+        total: Tensor | None = None
+        for term in self.settings.weights.active():
+            n = self.norm.get(term)
+            weight = getattr(self.settings.weights, term)
+            part = (gaussian_blur(maps[term], self.settings.sigma) - n.offset) * (weight / n.scale)
+            total = part if total is None else total + part
+        if total is None:
+            raise ValueError("no score term has a positive weight")
+        return total
+
+
+class NormalMemory(nn.Module):
+    """What normal fused features look like, kept as buffers in the model file.
+
+    ``gaussian``: per position of the fused grid, the mean and (ridge-regularised) inverse
+    covariance of ``Phi`` over the training images; the distance is Mahalanobis. Exposure
+    changes move all channels of a position together; the covariance learns that direction
+    and discounts it, which a per-channel or Euclidean distance cannot (measured in README).
+    ``knn``: a coreset of ``Phi`` vectors; the distance is to the nearest one.
+    """
+
+    bank: Tensor
+    mean: Tensor
+    precision: Tensor
+
+    def __init__(self, kind: str, channels: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("bank", torch.zeros(0, channels))
+        self.register_buffer("mean", torch.zeros(0, channels))
+        self.register_buffer("precision", torch.zeros(0, channels, channels))
+
+    @property
+    def ready(self) -> bool:
+        """True once fitted (or loaded)."""
+        if self.kind == "knn":
+            return self.bank.shape[0] > 0
+        return self.kind == "gaussian" and self.mean.shape[0] > 0
+
+    def take_shapes(self, tensors: Mapping[str, Tensor], prefix: str) -> None:
+        """Resize the buffers to the shapes stored in ``tensors`` before loading them."""
+        for name in ("bank", "mean", "precision"):
+            key = prefix + name
+            if key in tensors:
+                current = getattr(self, name)
+                setattr(self, name, torch.zeros_like(tensors[key], device=current.device))
+
+    def fit_gaussian(self, batches: Iterable[Tensor], eps: float) -> None:
+        """Mean and inverse covariance per position from batches of ``Phi`` (B, C, h, w)."""
+        total: Tensor | None = None
+        outer: Tensor | None = None
+        n = 0
+        for phi in batches:
+            v = phi.double().flatten(2).permute(2, 0, 1)  # (P, B, C)
+            s1 = v.sum(1)
+            s2 = v.transpose(1, 2) @ v
+            total = s1 if total is None else total + s1
+            outer = s2 if outer is None else outer + s2
+            n += phi.shape[0]
+        if total is None or outer is None or n < 2:
+            raise ValueError("a Gaussian memory needs at least 2 training images")
+        mean = total / n
+        cov = (outer - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
+        cov = cov + eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        precision = torch.cholesky_inverse(torch.linalg.cholesky(cov))
+        device = self.mean.device
+        self.mean = mean.float().to(device)
+        self.precision = precision.float().to(device)
+
+    def fit_knn(self, features: Tensor, size: int, sampler: str, seed: int) -> None:
+        """The coreset from all training vectors ``features`` (N, C)."""
+        self.bank = build_memory_bank(features, size, sampler, seed).to(self.bank.device)
+
+    def distance(self, phi: Tensor) -> Tensor:
+        """Distance map (B, 1, h, w) of ``Phi`` to the normal memory.
+
+        Computed one image at a time, so an image's distances never depend on its batch.
+        """
+        b, _, h, w = phi.shape
+        vectors = phi.flatten(2).transpose(1, 2)  # (B, P, C)
+        rows: list[Tensor] = []
+        if self.kind == "knn":
+            bank_sq = self.bank.pow(2).sum(1)
+            rows = [nearest_distance(v, self.bank, bank_sq) for v in vectors]
+        else:
+            if self.mean.shape[0] != h * w:
+                raise ValueError(
+                    f"Gaussian memory was fitted on a {self.mean.shape[0]}-position grid, "
+                    f"got {h}x{w}"
+                )
+            for v in vectors:
+                e = (v - self.mean).unsqueeze(1)  # (P, 1, C)
+                m = (e @ self.precision @ e.transpose(1, 2)).view(-1)
+                rows.append(m.clamp_min(0.0).sqrt())
+        return torch.stack(rows).view(b, 1, h, w)
+
+
+def nearest_distance(queries: Tensor, bank: Tensor, bank_sq: Tensor, chunk: int = 4096) -> Tensor:
+    """Euclidean distance of each query row (N, C) to its nearest bank row (K, C)."""
+    q_sq = queries.pow(2).sum(1, keepdim=True)
+    best: Tensor | None = None
+    for start in range(0, bank.shape[0], chunk):
+        part = bank[start : start + chunk]
+        d2 = q_sq - 2.0 * queries @ part.T + bank_sq[start : start + chunk][None]
+        m = d2.min(1).values
+        best = m if best is None else torch.minimum(best, m)
+    assert best is not None
+    return best.clamp_min(0.0).sqrt()
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian smoothing of (B, 1, H, W) maps with reflected borders."""
+    if sigma <= 0:
+        return x
+    radius = max(1, math.ceil(3.0 * sigma))
+    radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    y = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1))
+    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(y, k.view(1, 1, -1, 1))
+
+
+def reduce_map(amap: Tensor, reduce: str, topk_fraction: float) -> Tensor:
+    """Image scores (B,) from smoothed maps (B, 1, H, W): max or mean of the top-k pixels."""
+    flat = amap.flatten(1)
+    if reduce == "max":
+        return flat.max(1).values
+    k = max(1, round(flat.shape[1] * topk_fraction))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+def build_memory_bank(
+    features: Tensor, size: int, sampler: str, seed: int, pool: int = 65536, proj_dim: int = 32
+) -> Tensor:
+    """A coreset of ``size`` rows of ``features`` (N, C): greedy k-center or random.
+
+    Greedy k-center (as PatchCore) picks the point farthest from the bank so far, so rare
+    normal patterns get a representative; distances are computed in a random projection to
+    ``proj_dim`` dimensions over a random pool of at most ``pool`` rows to bound the cost.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = features.shape[0]
+    if n <= size:
+        return features.clone()
+    if sampler == "random":
+        return features[torch.randperm(n, generator=gen)[:size]].clone()
+    idx = torch.randperm(n, generator=gen)[: min(pool, n)]
+    cand = features[idx]
+    if cand.shape[1] > proj_dim:
+        proj = torch.randn(cand.shape[1], proj_dim, generator=gen) / math.sqrt(proj_dim)
+        reduced = cand @ proj.to(cand.dtype)
+    else:
+        reduced = cand
+    chosen = np.empty(size, dtype=np.int64)
+    chosen[0] = int(torch.randint(cand.shape[0], (1,), generator=gen))
+    dist = (reduced - reduced[chosen[0]]).pow(2).sum(1)
+    for i in range(1, size):
+        chosen[i] = int(dist.argmax())
+        dist = torch.minimum(dist, (reduced - reduced[chosen[i]]).pow(2).sum(1))
+    return cand[torch.from_numpy(chosen)].clone()

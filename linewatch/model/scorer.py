@@ -1,0 +1,357 @@
+"""The runtime scorer: camera frames in, image scores and anomaly maps out.
+
+The lifecycle follows Triton's Python backend: :meth:`Scorer.load` (initialize),
+:meth:`Scorer.score_batch` (execute, on a dynamically batched list of frames, one result per
+frame) and :meth:`Scorer.close` (finalize). The batcher lives elsewhere (the worker)::
+
+    scorer = Scorer.load("line.lwm", device="auto")
+    batch = scorer.score_batch(frames)          # uint8/uint16, gray/RGB, any sizes
+    defect = batch.scores >= scorer.threshold("operating_point")
+
+Maps come back at each frame's own resolution, in the same normalised units as the scores:
+the score is the max (or top-k mean) of the Gaussian-smoothed joint map inside the frame's
+area of the model input, so thresholding a map with the image threshold shows the pixels that
+made the verdict. (The map is resized to the frame with bilinear interpolation, which never
+exceeds the model-resolution values, so ``map.max() <= score``, equal up to interpolation.)
+
+An image's score does not depend on its batch: pre-processing works per image, the networks
+use no batch statistics, and the memory-bank search runs image by image.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+from linewatch.errors import ModelFileError
+from linewatch.log import get_logger
+from linewatch.metrics.thresholds import ThresholdRule, ThresholdSet
+from linewatch.model.backbone import FeatureExtractor
+from linewatch.model.joint import JointModel, Normalisation, gaussian_blur, reduce_map
+from linewatch.model.modelfile import ModelMeta, load_model_file, model_id, read_model_meta
+from linewatch.model.preprocess import PreprocessConfig, content_box, preprocess_batch
+from linewatch.model.settings import ModelSettings, model_settings_from_dict
+
+__all__ = [
+    "BackboneOnlyScorer",
+    "Prepared",
+    "ScoreBatch",
+    "Scorer",
+    "build_backbone",
+    "preprocess_config",
+    "resolve_device",
+]
+
+log = get_logger("scorer")
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    """Scores (B,) float32 and one float32 map per frame at that frame's (H, W)."""
+
+    scores: np.ndarray
+    maps: list[np.ndarray]
+
+
+@dataclass
+class Prepared:
+    """A batch ready for the heads: model input, backbone features and where each frame lies."""
+
+    x: Tensor
+    feats: list[Tensor] | None
+    boxes: list[Box]
+    shapes: list[tuple[int, int]]
+
+
+def resolve_device(choice: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a one-line error."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ModelFileError("device cuda requested but no CUDA device is available")
+    if choice not in ("cpu", "cuda"):
+        raise ModelFileError(f"unknown device {choice!r}; expected auto, cpu or cuda")
+    return torch.device(choice)
+
+
+def preprocess_config(settings: ModelSettings) -> PreprocessConfig:
+    """The pre-processing of a model: training, evaluation and the worker all use this one."""
+    return PreprocessConfig.for_backbone(
+        settings.backbone,
+        size=settings.size,
+        keep_aspect=settings.keep_aspect,
+        illumination=settings.illumination,
+    )
+
+
+def build_backbone(settings: ModelSettings, device: torch.device) -> FeatureExtractor | None:
+    """The frozen feature extractor a variant needs (None for the pixel-only variants)."""
+    if not settings.uses_backbone:
+        return None
+    return FeatureExtractor(settings.backbone, settings.levels).to(device)
+
+
+def _settings_from_meta(path: Path, meta: ModelMeta) -> ModelSettings:
+    config = meta.config
+    if "checkpoint" in config:
+        raise ModelFileError(f"{path}: is a training checkpoint, not a finished model")
+    if "model" not in config:
+        raise ModelFileError(f"{path}: model file has no model settings in its config")
+    try:
+        return model_settings_from_dict(config["model"])
+    except Exception as exc:  # a ConfigError names the key; say which file it came from
+        raise ModelFileError(f"{path}: invalid model settings ({exc})") from exc
+
+
+def _thresholds_from_meta(path: Path, meta: ModelMeta) -> ThresholdSet | None:
+    if meta.thresholds is None:
+        return None
+    try:
+        return ThresholdSet.model_validate(meta.thresholds)
+    except Exception as exc:
+        raise ModelFileError(f"{path}: invalid thresholds ({exc})") from exc
+
+
+class _ScorerBase:
+    """What both scorers share: settings, pre-processing, backbone, identity, thresholds."""
+
+    def __init__(
+        self,
+        settings: ModelSettings,
+        backbone: FeatureExtractor | None,
+        device: torch.device,
+        meta: ModelMeta | None = None,
+        path: Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self.backbone = backbone
+        self.device = device
+        self.meta = meta
+        self.path = path
+        self.preprocess = preprocess_config(settings)
+        self.thresholds: ThresholdSet | None = (
+            _thresholds_from_meta(path or Path("model"), meta) if meta is not None else None
+        )
+
+    @property
+    def model_id(self) -> str:
+        """Content id of the model file (``unsaved`` for a model built in memory)."""
+        return model_id(self.meta) if self.meta is not None and self.meta.checksum else "unsaved"
+
+    @property
+    def threshold_version(self) -> str | None:
+        """Version (content hash) of the stored thresholds; None before calibration."""
+        return self.thresholds.version if self.thresholds is not None else None
+
+    @property
+    def size(self) -> int:
+        """Side of the square model input."""
+        return self.settings.size
+
+    def threshold(self, rule: ThresholdRule = "operating_point") -> float:
+        """The image-score threshold of ``rule``; a one-line error if not calibrated."""
+        if self.thresholds is None:
+            where = self.path or "this model"
+            raise ModelFileError(f"{where}: not calibrated (run linewatch calibrate)")
+        return self.thresholds.for_rule(rule)
+
+    def prepare(
+        self, frames: Sequence[np.ndarray], timings: dict[str, float] | None = None
+    ) -> Prepared:
+        """Pre-process ``frames`` and run the backbone once per frame.
+
+        ``timings`` (if given) accumulates seconds under ``preprocess`` and ``backbone``.
+        """
+        t0 = time.perf_counter()
+        x = preprocess_batch(frames, self.preprocess, self.device)
+        shapes = [(int(f.shape[0]), int(f.shape[1])) for f in frames]
+        boxes = [content_box(s, self.preprocess) for s in shapes]
+        t1 = _sync(self.device)
+        feats = None
+        if self.backbone is not None:
+            with torch.inference_mode():
+                feats = self.backbone(x)
+        t2 = _sync(self.device)
+        if timings is not None:
+            timings["preprocess"] = timings.get("preprocess", 0.0) + t1 - t0
+            timings["backbone"] = timings.get("backbone", 0.0) + t2 - t1
+        return Prepared(x=x, feats=feats, boxes=boxes, shapes=shapes)
+
+    def close(self) -> None:
+        """Release the networks (the worker calls this before loading a new model file)."""
+        self.backbone = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class Scorer(_ScorerBase):
+    """The joint MDAAE / SA-GAN scorer of one model file."""
+
+    def __init__(
+        self,
+        model: JointModel,
+        backbone: FeatureExtractor | None,
+        device: torch.device,
+        meta: ModelMeta | None = None,
+        path: Path | None = None,
+    ) -> None:
+        super().__init__(model.settings, backbone, device, meta, path)
+        self.model = model.to(device).eval()
+        self.terms = model.settings.weights.active()
+        if "mem" in self.terms and (model.memory is None or not model.memory.ready):
+            raise ModelFileError(f"{path or 'model'}: memory term on but the memory is empty")
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> Scorer:
+        """Read and verify a model file and build the networks on ``device``."""
+        path = Path(path)
+        dev = resolve_device(device)
+        tensors, meta = load_model_file(path, "cpu")
+        settings = _settings_from_meta(path, meta)
+        backbone = build_backbone(settings, dev)
+        channels = backbone.channels if backbone is not None else ()
+        strides = backbone.strides if backbone is not None else ()
+        model = JointModel(settings, channels, strides)
+        try:
+            model.load_tensors(tensors)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ModelFileError(f"{path}: weights do not fit its settings ({first})") from None
+        if meta.normalisation is not None:
+            model.norm = Normalisation.model_validate(meta.normalisation)
+        scorer = cls(model, backbone, dev, meta, path)
+        log.info(
+            "model_loaded",
+            path=str(path),
+            model_id=scorer.model_id,
+            variant=settings.variant,
+            device=str(dev),
+            thresholds=scorer.threshold_version,
+        )
+        return scorer
+
+    def score_prepared(self, prep: Prepared) -> tuple[Tensor, Tensor]:
+        """Joint maps (B, 1, S, S) and scores (B,) for a prepared batch."""
+        with torch.inference_mode():
+            fwd = self.model(prep.x, prep.feats)
+            raw = self.model.term_maps(fwd, self.terms)
+            maps = self.model.joint_map(raw)
+            scores = crop_reduce(
+                maps, prep.boxes, self.settings.reduce, self.settings.topk_fraction
+            )
+        return maps, scores
+
+    def term_scores(self, prep: Prepared, terms: Sequence[str]) -> dict[str, Tensor]:
+        """Per-term image scores of the raw smoothed maps (what normalisation is fitted on)."""
+        s = self.settings
+        with torch.inference_mode():
+            fwd = self.model(prep.x, prep.feats)
+            raw = self.model.term_maps(fwd, terms)
+            return {
+                t: crop_reduce(gaussian_blur(m, s.sigma), prep.boxes, s.reduce, s.topk_fraction)
+                for t, m in raw.items()
+            }
+
+    def score_batch(
+        self, frames: Sequence[np.ndarray], timings: dict[str, float] | None = None
+    ) -> ScoreBatch:
+        """Score a batch of frames; see the module docstring for units and sizes.
+
+        ``timings`` (if given) accumulates seconds per stage: ``preprocess``, ``backbone``,
+        ``heads`` (networks, terms, joint map) and ``post`` (maps back to frame size).
+        """
+        if len(frames) == 0:
+            return ScoreBatch(np.zeros(0, np.float32), [])
+        prep = self.prepare(frames, timings)
+        t0 = time.perf_counter()
+        maps, scores = self.score_prepared(prep)
+        host_scores = scores.float().cpu().numpy().astype(np.float32)
+        t1 = time.perf_counter()
+        out_maps = to_frame_maps(maps, prep.boxes, prep.shapes)
+        if timings is not None:
+            timings["heads"] = timings.get("heads", 0.0) + t1 - t0
+            timings["post"] = timings.get("post", 0.0) + time.perf_counter() - t1
+        return ScoreBatch(host_scores, out_maps)
+
+
+class BackboneOnlyScorer(_ScorerBase):
+    """Same interface as :class:`Scorer`, but runs only pre-processing and the backbone.
+
+    For the pipeline benchmark: the difference between a line run with this and with the
+    real scorer is the heads' cost; the difference to the raw backbone time is the pipeline's
+    overhead. Scores are 0 and maps are all-zero frames.
+    """
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> BackboneOnlyScorer:
+        """Read a model file's settings (not its weights) and build its backbone."""
+        path = Path(path)
+        dev = resolve_device(device)
+        meta = read_model_meta(path)
+        settings = _settings_from_meta(path, meta)
+        # Pixel-only variants have no backbone; benchmark the default one so there is work.
+        if not settings.uses_backbone:
+            settings = settings.model_copy(update={"mdaae": True})
+        return cls(settings, build_backbone(settings, dev), dev, meta, path)
+
+    def score_batch(
+        self, frames: Sequence[np.ndarray], timings: dict[str, float] | None = None
+    ) -> ScoreBatch:
+        """Run pre-processing and the backbone; return zero scores and maps."""
+        prep = self.prepare(frames, timings)
+        maps = [np.zeros(s, np.float32) for s in prep.shapes]
+        return ScoreBatch(np.zeros(len(frames), np.float32), maps)
+
+
+def _sync(device: torch.device) -> float:
+    """``perf_counter`` after the device has finished its queued work (CUDA is async)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def crop_reduce(maps: Tensor, boxes: Sequence[Box], reduce: str, topk_fraction: float) -> Tensor:
+    """Image scores from (B, 1, S, S) maps, each reduced inside its frame's box only.
+
+    Letterbox padding is not part of the frame, so it can neither raise nor hide a score.
+    """
+    scores = [
+        reduce_map(maps[i : i + 1, :, top : top + h, left : left + w], reduce, topk_fraction)
+        for i, (top, left, h, w) in enumerate(boxes)
+    ]
+    return torch.cat(scores)
+
+
+def to_frame_maps(
+    maps: Tensor, boxes: Sequence[Box], shapes: Sequence[tuple[int, int]]
+) -> list[np.ndarray]:
+    """Crop each map to its frame's box and resize it to the frame's (H, W), float32."""
+    host = maps[:, 0].float().cpu().numpy()
+    out: list[np.ndarray] = []
+    for amap, (top, left, h, w), (fh, fw) in zip(host, boxes, shapes, strict=True):
+        crop = np.ascontiguousarray(amap[top : top + h, left : left + w])
+        if (h, w) != (fh, fw):
+            crop = cv2.resize(crop, (fw, fh), interpolation=cv2.INTER_LINEAR)
+        out.append(crop.astype(np.float32, copy=False))
+    return out
+
+
+def describe(scorer: Scorer) -> dict[str, Any]:
+    """A JSON-able summary of a loaded scorer (for logs and reports)."""
+    return {
+        "model_id": scorer.model_id,
+        "variant": scorer.settings.variant,
+        "size": scorer.size,
+        "terms": list(scorer.terms),
+        "threshold_version": scorer.threshold_version,
+    }
