@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "linewatch.cli.decision_cmd",
     "linewatch.cli.consumers_cmd",
     "linewatch.cli.transport_cmd",
+    "linewatch.cli.model_cmd",
 )
 
 
