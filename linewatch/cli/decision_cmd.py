@@ -19,6 +19,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     streams = subparsers.add_parser("streams", help="the Redis streams a line writes")
     actions = streams.add_subparsers(dest="streams_action", metavar="ACTION", required=True)
     describe = actions.add_parser("describe", help="print every stream field as Markdown")
+    describe.add_argument(
+        "--update", type=Path, default=None, metavar="FILE",
+        help="replace the text between <!-- streams:begin --> and <!-- streams:end --> in FILE",
+    )
     describe.set_defaults(func=_describe)
 
 
@@ -38,7 +42,12 @@ def _decide(args: argparse.Namespace) -> int:
 
 
 def _describe(args: argparse.Namespace) -> int:
-    from linewatch.streams.records import describe_records
+    from linewatch.streams.records import describe_records, embed_description
 
-    print(describe_records(), end="")
+    if args.update is None:
+        print(describe_records(), end="")
+        return 0
+    args.update.write_text(embed_description(args.update.read_text(encoding="utf-8")),
+                           encoding="utf-8")
+    print(f"{args.update}: stream fields updated")
     return 0

@@ -259,3 +259,18 @@ def describe_records() -> str:
             lines.append(f"| `{name}` | {_type_text(info.annotation)} | {info.description} |")
         lines.append("")
     return "\n".join(lines)
+
+
+DESCRIPTION_BEGIN = "<!-- streams:begin -->"
+DESCRIPTION_END = "<!-- streams:end -->"
+
+
+def embed_description(document: str) -> str:
+    """``document`` with :func:`describe_records` between the streams markers (README)."""
+    from linewatch.errors import LinewatchError
+
+    head, begin, rest = document.partition(DESCRIPTION_BEGIN)
+    _, end, tail = rest.partition(DESCRIPTION_END)
+    if not begin or not end:
+        raise LinewatchError(f"no {DESCRIPTION_BEGIN} ... {DESCRIPTION_END} markers in the file")
+    return f"{head}{begin}\n{describe_records()}{end}{tail}"
