@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from linewatch.errors import WireError
@@ -298,6 +298,8 @@ def _frame_messages(draw: st.DrawFn) -> tuple[bytes, bytes]:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(message=_frame_messages())
+@example(message=(b'{"kind": [0, 4], "v": 1, "camera": "0", "seq": 0, "part_id": "0", '
+                  b'"ts_acquired_ns": 0, "deadline_ns": 0, "dtype": "uint8", "shape": []}', b""))
 def test_decode_frame_fuzz_raises_only_wire_error(message: tuple[bytes, bytes]) -> None:
     first, buffer = message
     try:

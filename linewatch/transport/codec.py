@@ -311,7 +311,8 @@ def _header_object(part: Part, kinds: set[str]) -> dict[str, Any]:
         raise BadMessage("bad_json", f"header is a {type(obj).__name__}, not an object")
     if obj.get("v") != WIRE_VERSION:
         raise BadMessage("wrong_version", f"v={obj.get('v')!r}, this end speaks {WIRE_VERSION}")
-    if obj.get("kind") not in kinds:
+    kind = obj.get("kind")
+    if not isinstance(kind, str) or kind not in kinds:
         raise BadMessage("wrong_kind", f"kind={obj.get('kind')!r}, expected {sorted(kinds)}")
     return obj
 
