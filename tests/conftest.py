@@ -11,15 +11,15 @@ import pytest
 import redis
 from hypothesis import settings
 
+from linewatch.streams.server import EmbeddedRedis
+from linewatch.testing import redis_server as _redis_server
+from linewatch.testing import tiny_model
+
 # Property tests never fail on time (machines differ), and in CI they draw the same
 # examples every run, so a red CI is reproducible.
 settings.register_profile("linewatch", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True)
 settings.load_profile("ci" if os.environ.get("CI") else "linewatch")
-
-from linewatch.streams.server import EmbeddedRedis
-from linewatch.testing import redis_server as _redis_server
-from linewatch.testing import tiny_model
 
 
 @pytest.fixture(scope="session")
