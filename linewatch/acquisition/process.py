@@ -18,11 +18,9 @@ anyway and waiting longer would overflow the camera's buffers instead.
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
-from types import FrameType
 from typing import Any, Literal
 
 import zmq
@@ -368,24 +366,3 @@ def camera_config(config: LineConfig, camera_id: str) -> CameraConfig:
     raise ConfigError(f"no camera {camera_id!r} in line {config.line} (cameras: {known})")
 
 
-def run_until_signalled(process: AcquisitionProcess) -> AcquireStats:
-    """Run ``process``, stopping it cleanly on SIGINT or SIGTERM.
-
-    A second signal while it stops raises KeyboardInterrupt, for a source that
-    hangs. Handlers are installed only on the main thread and restored after.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return process.run()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if process.stopping:
-            raise KeyboardInterrupt
-        process.stop()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return process.run()
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:  # None: installed outside Python, cannot be restored
-                signal.signal(sig, handler)

@@ -34,13 +34,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _acquire(args: argparse.Namespace) -> int:
     # Imported here so that `linewatch --help` does not load ZeroMQ and OpenCV.
-    from linewatch.acquisition.process import (
-        AcquisitionProcess,
-        auto_start_seq,
-        camera_config,
-        run_until_signalled,
-    )
+    from linewatch.acquisition.process import AcquisitionProcess, auto_start_seq, camera_config
     from linewatch.config import load_config
+    from linewatch.lifecycle import run_until_signalled
 
     config = load_config(args.config)
     camera = camera_config(config, args.camera)
