@@ -1,0 +1,180 @@
+"""The networks of the joint model: variants A-E, attention, memory, normalisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linewatch.errors import ConfigError
+from linewatch.model.joint import (
+    JointModel,
+    NormalMemory,
+    build_memory_bank,
+    gaussian_blur,
+    reduce_map,
+)
+from linewatch.model.sagan import SelfAttention, attention_mask
+from linewatch.model.scorer import Prepared
+from linewatch.model.settings import TERMS, ModelSettings, TrainSettings, variant_settings
+from linewatch.model.train import _Optimisers, _train_step
+
+torch.set_num_threads(1)
+
+# EfficientNet-Lite0's s4/s8/s16 levels, so no backbone weights are needed here.
+CHANNELS = (24, 40, 112)
+STRIDES = (4, 8, 16)
+SIZE = 64
+
+
+def _batch(n: int = 2, seed: int = 0) -> Prepared:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, SIZE, SIZE, generator=g)
+    feats = [
+        torch.randn(n, c, SIZE // s, SIZE // s, generator=g)
+        for c, s in zip(CHANNELS, STRIDES, strict=True)
+    ]
+    boxes = [(0, 0, SIZE, SIZE)] * n
+    return Prepared(x=x, feats=feats, boxes=boxes, shapes=[(SIZE, SIZE)] * n)
+
+
+def _model(variant: str, **overrides: object) -> JointModel:
+    torch.manual_seed(0)
+    return JointModel(variant_settings(variant, size=SIZE, **overrides), CHANNELS, STRIDES)
+
+
+@pytest.mark.parametrize(
+    ("variant", "parts"),
+    [
+        ("A", {"image_encoder", "generator", "discriminator"}),
+        ("B", {"mdaae"}),
+        ("C", {"image_encoder", "generator", "discriminator"}),
+        ("D", {"mdaae", "generator", "discriminator"}),
+        ("E", {"mdaae", "generator", "discriminator"}),
+    ],
+)
+def test_variants_build_their_parts_only(variant: str, parts: set[str]) -> None:
+    model = _model(variant)
+    present = {
+        name
+        for name in ("mdaae", "image_encoder", "generator", "discriminator")
+        if getattr(model, name) is not None
+    }
+    assert present == parts
+    attention = any(isinstance(m, SelfAttention) for m in model.modules())
+    assert attention == (variant in ("C", "E"))
+
+
+@pytest.mark.parametrize("variant", list("ABCDE"))
+def test_each_variant_trains_one_step(variant: str) -> None:
+    model = _model(variant)
+    ts = TrainSettings(batch=2, r1_every=1)
+    opt = _Optimisers(model, ts, amp=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logs = _train_step(model, _batch(), ts, opt, step=0, amp=False)
+    assert logs and all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    if model.mdaae is not None:
+        assert any(k.startswith("mdaae.") for k in changed)
+    if model.generator is not None:
+        assert any(k.startswith("generator.") for k in changed)
+    if model.discriminator is not None:
+        assert any(k.startswith("discriminator.") for k in changed)
+        assert "d" in logs and "adv" in logs
+
+
+@pytest.mark.parametrize("variant", list("ABCDE"))
+def test_each_variant_scores_every_term_it_has(variant: str) -> None:
+    model = _model(variant).eval()
+    prep = _batch()
+    if model.memory is not None:
+        model.memory.fit_gaussian([model(prep.x, prep.feats).ae.phi for _ in range(2)], 0.01)
+    with torch.inference_mode():
+        fwd = model(prep.x, prep.feats)
+        maps = model.term_maps(fwd, model.available_terms())
+        joint = model.joint_map(maps)
+    assert set(maps) == set(model.available_terms())
+    for m in [*maps.values(), joint]:
+        assert m.shape == (2, 1, SIZE, SIZE)
+        assert torch.isfinite(m).all()
+
+
+def test_inconsistent_settings_are_one_line_config_errors() -> None:
+    with pytest.raises(ConfigError, match=r"weights\.mem"):
+        variant_settings("B", weights={"mem": 1.0})
+    with pytest.raises(ConfigError, match="variant"):
+        variant_settings("F")
+    with pytest.raises(ConfigError, match="size"):
+        variant_settings("E", size=100)
+
+
+def test_default_settings_are_the_product_variant() -> None:
+    assert ModelSettings() == variant_settings("E")
+
+
+def test_self_attention_starts_as_identity_with_row_stochastic_attention() -> None:
+    block = SelfAttention(16, heads=2)
+    x = torch.randn(2, 16, 4, 5)
+    with torch.no_grad():
+        y, att = block(x)
+        mask = attention_mask(att, (8, 10), (4, 5))
+    assert torch.equal(y, x)  # gamma starts at 0
+    assert att.shape == (2, 2, 20, 20)
+    torch.testing.assert_close(att.sum(-1), torch.ones(2, 2, 20))
+    assert mask.shape == (2, 1, 8, 10)
+    assert 0.3 < float(mask.mean()) < 3.0
+
+
+def test_gaussian_memory_flags_a_vector_off_the_normal_correlation() -> None:
+    g = torch.Generator().manual_seed(0)
+    # Normal features: channel 1 follows channel 0 (an exposure-like shared direction).
+    base = torch.randn(200, 1, 2, 2, generator=g)
+    normal = torch.cat([base, base + 0.05 * torch.randn(200, 1, 2, 2, generator=g)], 1)
+    memory = NormalMemory("gaussian", 2)
+    memory.fit_gaussian([normal[:100], normal[100:]], eps=1e-3)
+    along = torch.full((1, 2, 2, 2), 2.0)  # far along the normal direction
+    across = torch.tensor([1.0, -1.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2)  # off it
+    assert float(memory.distance(across).min()) > 5 * float(memory.distance(along).max())
+
+
+def test_greedy_coreset_keeps_the_rare_pattern_random_may_drop() -> None:
+    g = torch.Generator().manual_seed(0)
+    feats = torch.cat([0.01 * torch.randn(999, 4, generator=g), torch.full((1, 4), 10.0)])
+    bank = build_memory_bank(feats, 8, "greedy", seed=0)
+    assert bank.shape == (8, 4)
+    assert float(bank.max()) == 10.0
+    memory = NormalMemory("knn", 4)
+    memory.fit_knn(feats, 8, "greedy", seed=0)
+    assert float(memory.distance(torch.full((1, 4, 1, 1), 10.0))) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_gaussian_blur_keeps_constants_and_reduce_picks_max_or_topk() -> None:
+    flat = torch.full((1, 1, 16, 16), 3.0)
+    torch.testing.assert_close(gaussian_blur(flat, 2.0), flat)
+    spike = torch.zeros(1, 1, 16, 16)
+    spike[0, 0, 8, 8] = 1.0
+    blurred = gaussian_blur(spike, 1.0)
+    assert float(blurred.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert float(reduce_map(blurred, "max", 0.01)) == pytest.approx(float(blurred.max()))
+    assert float(reduce_map(spike, "topk", 2 / 256)) == pytest.approx(0.5)
+
+
+def test_position_norm_standardises_each_position() -> None:
+    model = _model("B").eval()
+    batches = [_batch(4, seed) for seed in range(3)]
+    with torch.inference_mode():
+        model.fit_position_norm(model(b.x, b.feats) for b in batches)
+        raw = torch.cat(
+            [
+                model.term_maps(model(b.x, b.feats), ["feat"], position_norm=False)["feat"]
+                for b in batches
+            ]
+        )
+        normed = torch.cat(
+            [model.term_maps(model(b.x, b.feats), ["feat"])["feat"] for b in batches]
+        )
+    pooled = torch.nn.functional.adaptive_avg_pool2d(raw, SIZE // 4)[:, 0]
+    i = TERMS.index("feat")
+    torch.testing.assert_close(model.pos_mean[i], pooled.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.pos_std[i], pooled.std(0), rtol=1e-3, atol=1e-5)
+    assert abs(float(normed.mean())) < 0.1
+    assert float(normed.std()) == pytest.approx(1.0, abs=0.25)

@@ -1,0 +1,143 @@
+"""The runtime Scorer: model file round trip, batch invariance, map units and sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from linewatch.data.images import read_image
+from linewatch.data.mvtec import MVTecDataset
+from linewatch.data.synth import write_dataset
+from linewatch.errors import ModelFileError
+from linewatch.metrics import auroc
+from linewatch.model.modelfile import read_model_meta, update_model_meta
+from linewatch.model.scorer import BackboneOnlyScorer, Scorer
+from linewatch.model.settings import TrainSettings, variant_settings
+from linewatch.model.train import train
+
+torch.set_num_threads(1)
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A synthetic data set and a variant-E model trained and calibrated on it."""
+    root = tmp_path_factory.mktemp("scorer")
+    data, model = root / "data", root / "model.lwm"
+    write_dataset(data, seed=1, size=SIZE, n_good=16, n_defect=3)
+    settings = variant_settings("E", size=SIZE)
+    train(data, model, settings, TrainSettings(epochs=2, batch=8, seed=0), progress=False)
+    return data, model
+
+
+def _frames(data: Path) -> list[np.ndarray]:
+    return [read_image(s.path) for s in MVTecDataset(data).samples("test")]
+
+
+def test_round_trip_train_calibrate_load(trained: tuple[Path, Path]) -> None:
+    data, model = trained
+    meta = read_model_meta(model)
+    scorer = Scorer.load(model, device="cpu")
+    assert meta.checksum is not None and scorer.model_id == meta.checksum[:12]
+    assert scorer.size == SIZE
+    assert scorer.thresholds is not None
+    assert scorer.threshold_version == scorer.thresholds.version
+    for rule in ("operating_point", "f1_max", "youden"):
+        assert scorer.threshold(rule) == getattr(scorer.thresholds, rule)
+    assert meta.config["model"]["variant"] == "E"
+    assert meta.data is not None and meta.data.n_images == 16
+    assert meta.normalisation is not None and meta.normalisation["source"] == "val/good"
+    # The stored threshold separates the calibration split it was fitted on.
+    samples = MVTecDataset(data).samples("val")
+    scores = scorer.score_batch([read_image(s.path) for s in samples]).scores
+    labels = [int(s.is_defect) for s in samples]
+    assert auroc(labels, scores) > 0.7
+
+
+def test_same_frame_same_score_whatever_the_batch(trained: tuple[Path, Path]) -> None:
+    data, model = trained
+    scorer = Scorer.load(model, device="cpu")
+    frames = _frames(data)
+    alone = [scorer.score_batch([f]) for f in frames[:3]]
+    rng = np.random.default_rng(0)
+    for size in (2, 5, 8):
+        for target in range(3):
+            others = [frames[int(i)] for i in rng.integers(3, len(frames), size - 1)]
+            batch = [*others, frames[target]]
+            rng.shuffle(batch)
+            where = next(i for i, f in enumerate(batch) if f is frames[target])
+            got = scorer.score_batch(batch)
+            assert abs(float(got.scores[where]) - float(alone[target].scores[0])) < 1e-4
+            np.testing.assert_allclose(got.maps[where], alone[target].maps[0], atol=1e-4)
+
+
+def test_any_dtype_size_and_channels_give_maps_at_frame_size(
+    trained: tuple[Path, Path],
+) -> None:
+    _, model = trained
+    scorer = Scorer.load(model, device="cpu")
+    rng = np.random.default_rng(0)
+    frames: list[np.ndarray] = [
+        rng.integers(0, 256, (50, 90), dtype=np.uint8),
+        rng.integers(0, 4096, (120, 70), dtype=np.uint16),
+        rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+    ]
+    out = scorer.score_batch(frames)
+    assert out.scores.dtype == np.float32 and out.scores.shape == (3,)
+    for frame, amap, score in zip(frames, out.maps, out.scores, strict=True):
+        assert amap.dtype == np.float32 and amap.shape == frame.shape[:2]
+        # Maps are in score units: the score is the map's max, up to interpolation.
+        assert float(amap.max()) <= float(score) + 1e-4
+        assert float(amap.max()) > float(score) - 0.5 * abs(float(score)) - 0.5
+    assert scorer.score_batch([]).scores.shape == (0,)
+
+
+def test_letterboxed_model_reports_frame_sized_maps(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, _ = trained
+    model = tmp_path / "letterbox.lwm"
+    settings = variant_settings("B", size=SIZE, keep_aspect=True)
+    train(data, model, settings, TrainSettings(epochs=1, batch=8), progress=False)
+    scorer = Scorer.load(model, device="cpu")
+    frame = np.full((40, 100), 128, np.uint8)
+    out = scorer.score_batch([frame])
+    assert out.maps[0].shape == (40, 100)
+    assert np.isfinite(out.scores).all()
+
+
+def test_uncalibrated_model_refuses_to_give_a_threshold(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, model = trained
+    copy = tmp_path / "uncalibrated.lwm"
+    copy.write_bytes(model.read_bytes())
+    update_model_meta(copy, thresholds=None)
+    scorer = Scorer.load(copy, device="cpu")
+    assert scorer.thresholds is None and scorer.threshold_version is None
+    with pytest.raises(ModelFileError, match="not calibrated"):
+        scorer.threshold()
+
+
+def test_backbone_only_scorer_has_the_same_interface(trained: tuple[Path, Path]) -> None:
+    data, model = trained
+    full = Scorer.load(model, device="cpu")
+    bare = BackboneOnlyScorer.load(model, device="cpu")
+    frames = _frames(data)[:3]
+    timings: dict[str, float] = {}
+    out = bare.score_batch(frames, timings)
+    assert set(timings) == {"preprocess", "backbone"}
+    assert out.scores.tolist() == [0.0, 0.0, 0.0]
+    assert [m.shape for m in out.maps] == [f.shape[:2] for f in frames]
+    assert bare.model_id == full.model_id and bare.threshold() == full.threshold()
+
+
+def test_broken_model_file_is_a_one_line_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.lwm"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelFileError, match=r"bad\.lwm"):
+        Scorer.load(bad, device="cpu")
