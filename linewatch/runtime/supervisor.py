@@ -116,6 +116,14 @@ class Supervisor:
             for c in self._children
         }
 
+    def ready(self, name: str) -> bool:
+        """True while the current run of process ``name`` is up and has said it serves."""
+        for child in self._children:
+            if child.spec.name == name:
+                alive = child.process is not None and child.process.poll() is None
+                return alive and self._ready_file(child).exists()
+        raise KeyError(f"no process {name!r} in this line")
+
     def run(self) -> None:
         """Start the stages back to front, keep them running, stop front to back on :meth:`stop`.
 
