@@ -77,6 +77,13 @@ class SynthSource(_Strict):
     surface: str = "brushed_metal"
     defect_ratio: float = Field(0.1, ge=0.0, le=1.0)
     seed: int = 0
+    # Fault injection (linewatch faults and its tests): a camera that goes away and returns.
+    inject_loss_after: int | None = Field(
+        None, ge=1, description="fault injection: the camera is lost after this many frames, once"
+    )
+    inject_loss_s: float = Field(
+        5.0, gt=0, description="fault injection: and stays lost (cannot be opened) this long"
+    )
 
 
 CameraSource = Annotated[GenicamSource | FolderSource | SynthSource, Field(discriminator="kind")]
@@ -182,10 +189,25 @@ class WorkersConfig(_Strict):
     max_wait_ms: float = Field(10.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch threads per worker (default: auto)")
+    scorer: Literal["model", "backbone_only"] = Field(
+        "model",
+        description="backbone_only (linewatch bench only): run pre-processing and the backbone "
+        "but score every frame 0, so every part passes; shows the pipeline's own overhead",
+    )
     roi: RoiConfig | None = None
     tile_size: int | None = Field(None, ge=32, description="tile frames larger than this")
     tile_overlap: int = Field(32, ge=0)
-    inject_delay_ms: float = Field(0.0, ge=0, description="test only: slow every batch down")
+    # Fault injection (linewatch faults and its tests); leave unset on a real line.
+    inject_delay_ms: float = Field(
+        0.0, ge=0, description="fault injection: sleep this long before scoring each batch"
+    )
+    inject_delay_worker: int | None = Field(
+        None, ge=0, description="fault injection: only worker <index> is slowed (none = every one)"
+    )
+    inject_nonfinite_every: int | None = Field(
+        None, ge=1,
+        description="fault injection: frames whose seq is a multiple of this score NaN (map inf)",
+    )
 
 
 class ModelConfig(_Strict):

@@ -2,6 +2,10 @@
 
 Frame ``i`` depends only on ``(seed, i)``: the same configuration replays the same
 parts, defects included, whatever was read before (and after a restart).
+
+Fault injection (``inject_loss_after``, for ``linewatch faults``): after that many
+frames the camera raises :class:`SourceLost` once and cannot be opened again for
+``inject_loss_s`` seconds, as an unplugged camera would; then it is back.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import time
 
 import numpy as np
 
-from linewatch.acquisition.base import FrameSource, RawFrame, SourceItem
+from linewatch.acquisition.base import FrameSource, RawFrame, SourceItem, SourceLost
 from linewatch.config import SynthSource
 from linewatch.data.synth import DEFECTS, SURFACES, make_image
 from linewatch.errors import ConfigError
@@ -28,6 +32,8 @@ class SynthCamera(FrameSource):
         """Index of the next frame."""
         self.defects = 0
         """Frames made with a defect so far."""
+        self._delivered = 0  # frames read over every open, for the injected loss
+        self._lost_until: float | None = None  # monotonic end of the injected loss
         self._log = get_logger("acquisition.synth")
 
     def open(self) -> None:
@@ -36,6 +42,9 @@ class SynthCamera(FrameSource):
             raise ConfigError(
                 f"synth source: unknown surface {self.cfg.surface!r} (one of {', '.join(SURFACES)})"
             )
+        if self._lost_until is not None and time.monotonic() < self._lost_until:
+            left = self._lost_until - time.monotonic()
+            raise SourceLost(f"synth camera: unplugged (fault injection), back in {left:.1f} s")
         self.index = 0
         self.defects = 0
         self._log.info(
@@ -49,7 +58,13 @@ class SynthCamera(FrameSource):
         """The next synthetic frame; None once stopping (the process limits the count)."""
         if self.stopping:
             return None
+        if self.cfg.inject_loss_after == self._delivered and self._lost_until is None:
+            self._lost_until = time.monotonic() + self.cfg.inject_loss_s
+            raise SourceLost(
+                f"synth camera: unplugged after {self._delivered} frames (fault injection)"
+            )
         image, defect = self.make(self.index)
+        self._delivered += 1
         self.index += 1
         self.defects += defect is not None
         return RawFrame(image, time.time_ns(), None, None)
