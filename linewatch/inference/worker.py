@@ -108,6 +108,8 @@ class InferenceWorker:
     scorer: ScorerLike
     link: LinkLike
     load_scorer: Callable[[Path], ScorerLike] | None = None  # for hot reload
+    index: int = 0
+    """Worker index in the line (``linewatch infer --worker``)."""
     _batcher: DynamicBatcher = field(init=False)
     _watcher: ModelWatcher = field(init=False)
     frames_scored: int = 0
@@ -156,7 +158,7 @@ class InferenceWorker:
             return
         started = time.time_ns()
         try:
-            scored = self._score(batch)
+            scored = self._inject_nonfinite(batch, self._score(batch))
         except Exception as exc:  # a model failure must fail the frames safe, not the line
             log.exception("batch_failed", worker=self.worker_id, size=len(batch), error=str(exc))
             for frame in batch:
@@ -182,25 +184,27 @@ class InferenceWorker:
 
     def _score(self, batch: list[Frame]) -> list[ScoredFrame]:
         workers = self.config.workers
-        if workers.inject_delay_ms > 0:
-            time.sleep(workers.inject_delay_ms / 1000.0)  # fault injection, configured in tests
+        if workers.inject_delay_ms > 0 and workers.inject_delay_worker in (None, self.index):
+            time.sleep(workers.inject_delay_ms / 1000.0)  # fault injection: a slow worker
         views = [crop_roi(f.pixels, workers.roi) for f in batch]
         if workers.tile_size is None:
             out = self.scorer.score_batch(views)
             return [ScoredFrame(float(s), m) for s, m in zip(out.scores, out.maps, strict=True)]
         return self._score_tiled(views, workers.tile_size, workers.tile_overlap)
 
+    def _inject_nonfinite(self, batch: list[Frame], scored: list[ScoredFrame]) -> list[ScoredFrame]:
+        """Fault injection (``workers.inject_nonfinite_every``): NaN scores, inf maps."""
+        every = self.config.workers.inject_nonfinite_every
+        if every is None:
+            return scored
+        return [
+            ScoredFrame(float("nan"), np.full_like(s.amap, np.inf))
+            if f.header.seq % every == 0 else s
+            for f, s in zip(batch, scored, strict=True)
+        ]
+
     def _score_tiled(self, views: list[np.ndarray], tile: int, overlap: int) -> list[ScoredFrame]:
-        grids = [tile_grid(v.shape[0], v.shape[1], tile, overlap) for v in views]
-        tiles = [t for v, g in zip(views, grids, strict=True) for t in cut_tiles(v, g)]
-        out = self.scorer.score_batch(tiles)
-        results, start = [], 0
-        for grid in grids:
-            n = len(grid.origins)
-            amap = stitch_maps(list(out.maps[start : start + n]), grid)
-            results.append(ScoredFrame(float(np.max(out.scores[start : start + n])), amap))
-            start += n
-        return results
+        return score_tiled(self.scorer, views, tile, overlap)
 
     def _maybe_reload(self) -> None:
         if self.load_scorer is None or not self._watcher.changed(time.monotonic()):
@@ -215,6 +219,25 @@ class InferenceWorker:
         self.scorer = new
 
 
+def score_tiled(
+    scorer: ScorerLike, views: Sequence[np.ndarray], tile: int, overlap: int
+) -> list[ScoredFrame]:
+    """Score frames as overlapping tiles in one batch; the frame's score is its tiles' max.
+
+    The maps are stitched back to each frame's size (mean over overlaps).
+    """
+    grids = [tile_grid(v.shape[0], v.shape[1], tile, overlap) for v in views]
+    tiles = [t for v, g in zip(views, grids, strict=True) for t in cut_tiles(v, g)]
+    out = scorer.score_batch(tiles)
+    results, start = [], 0
+    for grid in grids:
+        n = len(grid.origins)
+        amap = stitch_maps(list(out.maps[start : start + n]), grid)
+        results.append(ScoredFrame(float(np.max(out.scores[start : start + n])), amap))
+        start += n
+    return results
+
+
 def run_inference_worker(config: LineConfig, index: int) -> dict[str, int]:
     """Load the line's model and serve as worker ``index`` until SIGINT/SIGTERM."""
     import os
@@ -222,19 +245,22 @@ def run_inference_worker(config: LineConfig, index: int) -> dict[str, int]:
     import torch
 
     from linewatch.lifecycle import run_until_signalled
-    from linewatch.model.scorer import Scorer
+    from linewatch.model.scorer import BackboneOnlyScorer, Scorer
     from linewatch.transport.worker_link import WorkerLink
 
     workers = config.workers
     torch.set_num_threads(workers.threads or max(1, (os.cpu_count() or 1) // workers.count))
+    scorer_class = BackboneOnlyScorer if workers.scorer == "backbone_only" else Scorer
+    if workers.scorer == "backbone_only":
+        log.warning("worker_backbone_only", worker=index, note="every part passes; bench only")
 
-    def load(path: Path) -> Scorer:
-        return Scorer.load(path, device=workers.device)
+    def load(path: Path) -> Scorer | BackboneOnlyScorer:
+        return scorer_class.load(path, device=workers.device)
 
     worker_id = f"{config.line}-w{index}"
     scorer = load(config.model.path)
     scorer.threshold(config.decision.rule)  # refuse an uncalibrated model before serving
     with WorkerLink(config.transport, worker_id, workers.max_batch) as link:
-        worker = InferenceWorker(config, worker_id, scorer, link, load_scorer=load)
+        worker = InferenceWorker(config, worker_id, scorer, link, load_scorer=load, index=index)
         stats: dict[str, int] = run_until_signalled(worker)
     return stats
