@@ -3,6 +3,12 @@
 The supervisor starts an embedded Redis when the configuration names none, and
 hands its address to the children through ``LINEWATCH_REDIS__URL`` (the same
 environment override a user would set), so every process reads one config file.
+
+Before any process starts, :func:`preflight` checks what the processes would
+otherwise find out one by one, after the others are up: the model file (readable,
+intact, calibrated for the line's rule), each camera's source (producer file,
+folder of images), the CURVE keys, the socket and spool folders. A bad
+configuration therefore never starts half a line.
 """
 
 from __future__ import annotations
@@ -12,8 +18,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from linewatch.config import LineConfig
-from linewatch.errors import ConfigError
+from linewatch.config import (
+    FolderSource,
+    GenicamSource,
+    LineConfig,
+    SynthSource,
+)
+from linewatch.errors import ConfigError, LinewatchError
 from linewatch.log import get_logger
 from linewatch.runtime.supervisor import ProcessSpec, Supervisor, linewatch_argv
 
@@ -55,6 +66,98 @@ def line_processes(
     return specs
 
 
+def preflight(config: LineConfig) -> None:
+    """Check everything the line's processes need before starting any of them.
+
+    Raises :class:`ConfigError` with one line listing every problem found, each
+    naming its configuration key.
+    """
+    problems = [
+        *_model_problems(config),
+        *_camera_problems(config),
+        *_transport_problems(config),
+        *_folder_problems(config),
+    ]
+    if problems:
+        raise ConfigError(f"line {config.line} not started: {'; '.join(problems)}")
+
+
+def _model_problems(config: LineConfig) -> list[str]:
+    """The model file: format, version, checksum, settings and the rule's threshold."""
+    from linewatch.metrics.thresholds import ThresholdSet
+    from linewatch.model.modelfile import load_model_file
+    from linewatch.model.settings import model_settings_from_dict
+
+    path = config.model.path
+    try:
+        _, meta = load_model_file(path)  # verifies format, version and checksum
+        if "model" not in meta.config:
+            return [f"model.path: {path}: not a finished model (no model settings)"]
+        model_settings_from_dict(meta.config["model"])
+        if meta.thresholds is None:
+            return [f"model.path: {path}: not calibrated (run linewatch calibrate)"]
+        ThresholdSet.model_validate(meta.thresholds).for_rule(config.decision.rule)
+    except LinewatchError as exc:
+        return [f"model.path: {exc}"]
+    except ValueError as exc:  # settings or thresholds that do not validate
+        first = str(exc).strip().splitlines()[0]
+        return [f"model.path: {path}: invalid model settings or thresholds ({first})"]
+    return []
+
+
+def _camera_problems(config: LineConfig) -> list[str]:
+    from linewatch.acquisition.folder import list_images
+    from linewatch.data.synth import SURFACES
+
+    problems = []
+    for i, camera in enumerate(config.cameras):
+        key, source = f"cameras[{i}] ({camera.id}).source", camera.source
+        if isinstance(source, GenicamSource) and not source.cti.is_file():
+            problems.append(f"{key}.cti: {source.cti}: no such GenTL producer file")
+        elif isinstance(source, FolderSource):
+            try:
+                list_images(source.path, source.split)
+            except LinewatchError as exc:
+                problems.append(f"{key}.path: {exc}")
+        elif isinstance(source, SynthSource) and source.surface not in SURFACES:
+            problems.append(f"{key}.surface: unknown {source.surface!r} "
+                            f"(one of {', '.join(SURFACES)})")
+    return problems
+
+
+def _transport_problems(config: LineConfig) -> list[str]:
+    from linewatch.transport import security
+
+    transport = config.transport
+    problems = []
+    for endpoint in transport.endpoints():
+        if endpoint.startswith("ipc://") and not Path(endpoint[6:]).parent.is_dir():
+            problems.append(f"transport: {endpoint}: folder {Path(endpoint[6:]).parent} "
+                            "does not exist")
+    if transport.curve.enabled:
+        try:
+            keys_dir = security.require_keys_dir(transport.curve.keys_dir)
+            # One host runs both ends of every socket: it needs both key pairs.
+            security.load_key_pair(keys_dir, security.SERVER)
+            security.load_key_pair(keys_dir, security.CLIENT)
+        except LinewatchError as exc:
+            problems.append(f"transport.curve: {exc}")
+    return problems
+
+
+def _folder_problems(config: LineConfig) -> list[str]:
+    folders = {"redis.spool_dir": config.redis.spool_dir}
+    if config.decision.heatmaps == "disk":
+        folders["decision.heatmap_dir"] = config.decision.heatmap_dir
+    problems = []
+    for key, folder in folders.items():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            problems.append(f"{key}: cannot create {folder}: {exc.strerror or exc}")
+    return problems
+
+
 @contextlib.contextmanager
 def line_redis(config: LineConfig, data_dir: Path) -> Iterator[str]:
     """The Redis URL the line uses: the configured one, or an embedded server's."""
@@ -89,7 +192,9 @@ class LineRunner:
             self.supervisor.stop()
 
     def run(self) -> dict[str, int]:
-        """Start the line and block until stopped; restart counts per process."""
+        """Check the configuration (:func:`preflight`), start the line and block until
+        stopped; restart counts per process."""
+        preflight(self.config)
         data_dir = Path(self.config.redis.spool_dir).parent / "redis-data"
         with line_redis(self.config, data_dir) as url:
             specs = line_processes(self.config_path, self.config, consumers=self.consumers)
