@@ -442,6 +442,9 @@ class DecisionService:
             ts_acquired_ns=frame.ts_acquired_ns,
             ts_decided_ns=now,
             latency_ms=(now - frame.ts_acquired_ns) / 1e6,
+            ts_infer_start_ns=result.ts_infer_start_ns if result else None,
+            ts_infer_end_ns=result.ts_infer_end_ns if result else None,
+            batch_size=result.batch_size if result else None,
         )
 
     def _defect(

@@ -152,6 +152,14 @@ class VerdictRecord(StreamRecord):
     ts_acquired_ns: int | None = Field(description="acquisition time, ns since epoch")
     ts_decided_ns: int = Field(description="decision time, ns since epoch")
     latency_ms: float | None = Field(description="acquisition to decision, milliseconds")
+    # Where the time went (linewatch bench); optional, so older writers' entries still parse.
+    ts_infer_start_ns: int | None = Field(
+        None, description="when the worker began scoring the frame's batch, ns since epoch"
+    )
+    ts_infer_end_ns: int | None = Field(
+        None, description="when the worker finished scoring the frame's batch, ns since epoch"
+    )
+    batch_size: int | None = Field(None, description="frames in the batch the frame was scored in")
 
 
 class DefectRecord(StreamRecord):
