@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from linewatch.model.mdaae import MDAAE, MDAAEOutput, feature_distance_map
+from linewatch.model.mdaae import MDAAE, MDAAEOutput, feature_distance_map, resize_to
 from linewatch.model.sagan import Discriminator, Generator, ImageEncoder, attention_mask
 from linewatch.model.settings import TERMS, ModelSettings
 
@@ -79,6 +79,7 @@ class JointForward:
     targets: list[Tensor] | None = None
     ae: MDAAEOutput | None = None
     z: Tensor | None = None
+    x_pix: Tensor | None = None
     x_hat: Tensor | None = None
     att: Tensor | None = None
 
@@ -105,7 +106,9 @@ class JointModel(nn.Module):
         self.image_encoder: ImageEncoder | None = None
         self.generator: Generator | None = None
         self.discriminator: Discriminator | None = None
-        latent_stride = s.latent_total_stride
+        # G and D see the image at 1/pixel_scale: a full-resolution decoder would cost more
+        # than the backbone, and the pixel terms need texture, not sensor-level detail.
+        latent_stride = s.latent_total_stride // s.pixel_scale
         if s.mdaae:
             self.mdaae = MDAAE(
                 level_channels,
@@ -131,9 +134,10 @@ class JointModel(nn.Module):
             )
         n_levels = len(s.levels)
         self.level_weights = s.level_weights or tuple(1.0 / n_levels for _ in range(n_levels))
-        self.memory = NormalMemory(s.memory, s.fused_channels) if s.mdaae else None
+        memory_channels = s.fused_channels if s.memory_source == "phi" else sum(level_channels)
+        self.memory = NormalMemory(s.memory, memory_channels) if s.mdaae else None
         # Per-position statistics of each raw term map (TERMS order) on a grid of size/4.
-        grid = max(s.size // 4, 1)
+        grid = s.size // 4
         self.register_buffer("pos_mean", torch.zeros(len(TERMS), grid, grid))
         self.register_buffer("pos_std", torch.ones(len(TERMS), grid, grid))
         self.norm = Normalisation()
@@ -160,20 +164,32 @@ class JointModel(nn.Module):
             out.targets = self.mdaae.standardise(feats)
             out.ae = self.mdaae(out.targets)
             out.z = out.ae.z
-        elif self.image_encoder is not None:
-            out.z = self.image_encoder(x)
-        if self.generator is not None and out.z is not None:
+        if self.generator is not None:
+            scale = self.settings.pixel_scale
+            out.x_pix = F.avg_pool2d(x, scale) if scale > 1 else x
+            if self.image_encoder is not None:
+                out.z = self.image_encoder(out.x_pix)
+            assert out.z is not None
             out.x_hat, out.att = self.generator(out.z)
         return out
 
     # ------------------------------------------------------------------ anomaly terms
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Resolution of the term maps: the stride-4 grid of the model input.
+
+        Every term is computed, normalised, combined and smoothed on this grid and only the
+        joint map is up-sampled, which costs a sixteenth of doing it at input resolution.
+        """
+        return (int(self.pos_mean.shape[-2]), int(self.pos_mean.shape[-1]))
+
     def term_maps(
         self, fwd: JointForward, terms: Iterable[str], position_norm: bool = True
     ) -> dict[str, Tensor]:
-        """Maps (B, 1, H, W) of the requested terms, not smoothed.
+        """Maps (B, 1, *grid) of the requested terms, not smoothed.
 
-        With ``position_norm`` (and the setting on) each map is standardised per pixel
-        position with :meth:`fit_position_norm`'s statistics; otherwise raw.
+        With ``position_norm`` (and the setting on) each map is standardised per position with
+        :meth:`fit_position_norm`'s statistics; otherwise raw.
         """
         maps = self._raw_term_maps(fwd, terms)
         if position_norm and self.settings.position_norm:
@@ -183,13 +199,12 @@ class JointModel(nn.Module):
     def fit_position_norm(self, batches: Iterable[JointForward]) -> None:
         """Per-position mean and std of every available raw term over normal images."""
         terms = self.available_terms()
-        grid = (int(self.pos_mean.shape[-2]), int(self.pos_mean.shape[-1]))
         sums: dict[str, Tensor] = {}
         squares: dict[str, Tensor] = {}
         n = 0
         for fwd in batches:
             for t, m in self._raw_term_maps(fwd, terms).items():
-                g = F.adaptive_avg_pool2d(m.double(), grid)[:, 0]
+                g = m.double()[:, 0]
                 sums[t] = sums.get(t, 0) + g.sum(0)
                 squares[t] = squares.get(t, 0) + g.pow(2).sum(0)
             n += fwd.x.shape[0]
@@ -206,23 +221,19 @@ class JointModel(nn.Module):
 
     def _position_normalise(self, term: str, m: Tensor) -> Tensor:
         i = TERMS.index(term)
-        size = (m.shape[-2], m.shape[-1])
-        stats = torch.stack([self.pos_mean[i], self.pos_std[i]])[None]
-        stats = F.interpolate(stats, size=size, mode="bilinear", align_corners=False)
-        return (m - stats[:, :1]) / stats[:, 1:]
+        return (m - self.pos_mean[i]) / self.pos_std[i]
 
     def _raw_term_maps(self, fwd: JointForward, terms: Iterable[str]) -> dict[str, Tensor]:
-        size = (fwd.x.shape[-2], fwd.x.shape[-1])
         maps: dict[str, Tensor] = {}
         for term in terms:
             if term == "feat":
-                maps[term] = self._feat_map(fwd, size)
+                maps[term] = self._feat_map(fwd)
             elif term == "pix":
-                maps[term] = self._pix_map(fwd, size)
+                maps[term] = self._pix_map(fwd)
             elif term == "disc":
-                maps[term] = self._disc_map(fwd, size)
+                maps[term] = self._disc_map(fwd)
             elif term == "mem":
-                maps[term] = self._mem_map(fwd, size)
+                maps[term] = self._mem_map(fwd)
             else:
                 raise ValueError(f"unknown score term {term!r}; known: {', '.join(TERMS)}")
         return maps
@@ -237,45 +248,69 @@ class JointModel(nn.Module):
         }
         return tuple(t for t in TERMS if have[t])
 
-    def _feat_map(self, fwd: JointForward, size: tuple[int, int]) -> Tensor:
+    def _feat_map(self, fwd: JointForward) -> Tensor:
         assert fwd.ae is not None and fwd.targets is not None
         s = self.settings
         return feature_distance_map(
-            fwd.ae.recon, fwd.targets, self.level_weights, s.feature_distance, size, s.ssim_window
+            fwd.ae.recon,
+            fwd.targets,
+            self.level_weights,
+            s.feature_distance,
+            self.grid,
+            s.ssim_window,
         )
 
-    def _pix_map(self, fwd: JointForward, size: tuple[int, int]) -> Tensor:
-        assert fwd.x_hat is not None
-        residual = (fwd.x - fwd.x_hat).abs().mean(1, keepdim=True)
+    def _pix_map(self, fwd: JointForward) -> Tensor:
+        assert fwd.x_hat is not None and fwd.x_pix is not None
+        residual = resize_to((fwd.x_pix - fwd.x_hat).abs().mean(1, keepdim=True), self.grid)
         if fwd.att is not None and fwd.z is not None:
-            grid = (int(fwd.z.shape[-2]), int(fwd.z.shape[-1]))
-            residual = residual * attention_mask(fwd.att, size, grid)
+            latent = (int(fwd.z.shape[-2]), int(fwd.z.shape[-1]))
+            residual = residual * attention_mask(fwd.att, self.grid, latent)
         return residual
 
-    def _disc_map(self, fwd: JointForward, size: tuple[int, int]) -> Tensor:
-        assert self.discriminator is not None and fwd.x_hat is not None
-        real = self.discriminator.features(fwd.x)[-1]
+    def _disc_map(self, fwd: JointForward) -> Tensor:
+        assert self.discriminator is not None and fwd.x_hat is not None and fwd.x_pix is not None
+        real = self.discriminator.features(fwd.x_pix)[-1]
         fake = self.discriminator.features(fwd.x_hat)[-1]
-        d = (real - fake).pow(2).mean(1, keepdim=True)
-        return F.interpolate(d, size=size, mode="bilinear", align_corners=False)
+        return resize_to((real - fake).pow(2).mean(1, keepdim=True), self.grid)
 
-    def _mem_map(self, fwd: JointForward, size: tuple[int, int]) -> Tensor:
-        assert fwd.ae is not None and self.memory is not None
-        d = self.memory.distance(fwd.ae.phi)
-        return F.interpolate(d, size=size, mode="bilinear", align_corners=False)
+    def memory_features(self, fwd: JointForward) -> Tensor:
+        """What the memory of normal features holds, on the memory grid (B, C, h, w)."""
+        assert fwd.ae is not None and fwd.targets is not None
+        s = self.settings
+        cells = (s.size // s.memory_stride, s.size // s.memory_stride)
+        if s.memory_source == "phi":
+            return resize_to(fwd.ae.phi, cells)
+        return torch.cat([resize_to(t, cells) for t in fwd.targets], 1)
+
+    def _mem_map(self, fwd: JointForward) -> Tensor:
+        assert self.memory is not None
+        return resize_to(self.memory.distance(self.memory_features(fwd)), self.grid)
 
     # ------------------------------------------------------------------ joint map
+    def smooth(self, m: Tensor) -> Tensor:
+        """Gaussian smoothing on the grid (sigma given in input pixels), up-sampled to the input."""
+        scale = self.settings.size / self.grid[1]
+        up = gaussian_blur(m, self.settings.sigma / scale)
+        return resize_to(up, (self.settings.size, self.settings.size))
+
     def joint_map(self, maps: Mapping[str, Tensor]) -> Tensor:
-        """``sum_t w_t norm_t(smooth(A_t))`` (B, 1, H, W) over the weighted terms."""
+        """``smooth(sum_t w_t norm_t(A_t))`` (B, 1, size, size) over the weighted terms.
+
+        Smoothing is linear, so smoothing the weighted sum equals summing the smoothed terms
+        that :meth:`Normalisation` statistics are fitted on.
+        """
         total: Tensor | None = None
+        offset = 0.0
         for term in self.settings.weights.active():
             n = self.norm.get(term)
             weight = getattr(self.settings.weights, term)
-            part = (gaussian_blur(maps[term], self.settings.sigma) - n.offset) * (weight / n.scale)
+            part = maps[term] * (weight / n.scale)
+            offset += weight * n.offset / n.scale
             total = part if total is None else total + part
         if total is None:
             raise ValueError("no score term has a positive weight")
-        return total
+        return self.smooth(total) - offset
 
 
 class NormalMemory(nn.Module):
@@ -341,27 +376,22 @@ class NormalMemory(nn.Module):
         self.bank = build_memory_bank(features, size, sampler, seed).to(self.bank.device)
 
     def distance(self, phi: Tensor) -> Tensor:
-        """Distance map (B, 1, h, w) of ``Phi`` to the normal memory.
-
-        Computed one image at a time, so an image's distances never depend on its batch.
-        """
+        """Distance map (B, 1, h, w) of ``Phi`` to the normal memory."""
         b, _, h, w = phi.shape
-        vectors = phi.flatten(2).transpose(1, 2)  # (B, P, C)
-        rows: list[Tensor] = []
         if self.kind == "knn":
+            vectors = phi.flatten(2).transpose(1, 2)  # (B, P, C)
             bank_sq = self.bank.pow(2).sum(1)
             rows = [nearest_distance(v, self.bank, bank_sq) for v in vectors]
-        else:
-            if self.mean.shape[0] != h * w:
-                raise ValueError(
-                    f"Gaussian memory was fitted on a {self.mean.shape[0]}-position grid, "
-                    f"got {h}x{w}"
-                )
-            for v in vectors:
-                e = (v - self.mean).unsqueeze(1)  # (P, 1, C)
-                m = (e @ self.precision @ e.transpose(1, 2)).view(-1)
-                rows.append(m.clamp_min(0.0).sqrt())
-        return torch.stack(rows).view(b, 1, h, w)
+            return torch.stack(rows).view(b, 1, h, w)
+        if self.mean.shape[0] != h * w:
+            raise ValueError(
+                f"Gaussian memory was fitted on a {self.mean.shape[0]}-position grid, got {h}x{w}"
+            )
+        e = phi.flatten(2).permute(2, 0, 1) - self.mean[:, None]  # (P, B, C)
+        # One matrix product per position over the batch: each image's row is computed by
+        # itself (no reduction runs across images), so batch neighbours cannot change it.
+        d2 = ((e @ self.precision) * e).sum(-1)  # (P, B)
+        return d2.clamp_min(0.0).sqrt().T.reshape(b, 1, h, w)
 
 
 def nearest_distance(queries: Tensor, bank: Tensor, bank_sq: Tensor, chunk: int = 4096) -> Tensor:

@@ -70,22 +70,22 @@ class LevelFusion(nn.Module):
 
 
 class _Bottleneck(nn.Module):
-    """``z = E(Phi)``, ``Phi^ = D(z)`` (eq. 5): narrow channels and a stride."""
+    """``z = E(Phi)``, ``Phi^ = D(z)`` (eq. 5): narrow channels and a stride.
+
+    One strided 3x3 convolution each way (plus a 1x1 mixing layer in D) keeps the heads a
+    small fraction of the backbone's cost at inference.
+    """
 
     def __init__(self, channels: int, latent: int, stride: int) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1),
-            nn.LeakyReLU(0.1),
-            nn.Conv2d(channels, latent, 3, stride=stride, padding=1),
-        )
+        self.encoder = nn.Conv2d(channels, latent, 3, stride=stride, padding=1)
         self.decoder = nn.Sequential(
             nn.Upsample(scale_factor=stride, mode="bilinear", align_corners=False)
             if stride > 1
             else nn.Identity(),
             nn.Conv2d(latent, channels, 3, padding=1),
             nn.LeakyReLU(0.1),
-            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.Conv2d(channels, channels, 1),
             nn.LeakyReLU(0.1),
         )
         xavier_init(self)
@@ -129,11 +129,9 @@ class MDAAE(nn.Module):
         self.fusion_stride = fusion_stride
         self.fusion = LevelFusion(level_channels, proj_channels, fused_channels, tau)
         self.bottleneck = _Bottleneck(fused_channels, latent_channels, latent_stride)
-        # psi_l: a 3x3 head per level; 3x3 (not 1x1) because finer levels need the head to
-        # rebuild detail that Phi^ holds only at the fusion resolution.
-        self.heads = nn.ModuleList(
-            nn.Conv2d(fused_channels, c, 3, padding=1) for c in level_channels
-        )
+        # psi_l: a 1x1 head per level, applied after resampling Phi^ to the level's grid; a
+        # 3x3 head at stride 4 would cost more than the rest of the heads together.
+        self.heads = nn.ModuleList(nn.Conv2d(fused_channels, c, 1) for c in level_channels)
         xavier_init(self.heads)
         total = sum(level_channels)
         self.register_buffer("feature_mean", torch.zeros(total))

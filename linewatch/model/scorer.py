@@ -35,7 +35,7 @@ from linewatch.errors import ModelFileError
 from linewatch.log import get_logger
 from linewatch.metrics.thresholds import ThresholdRule, ThresholdSet
 from linewatch.model.backbone import FeatureExtractor
-from linewatch.model.joint import JointModel, Normalisation, gaussian_blur, reduce_map
+from linewatch.model.joint import JointModel, Normalisation, reduce_map
 from linewatch.model.modelfile import ModelMeta, load_model_file, model_id, read_model_meta
 from linewatch.model.preprocess import PreprocessConfig, content_box, preprocess_batch
 from linewatch.model.settings import ModelSettings, model_settings_from_dict
@@ -258,7 +258,7 @@ class Scorer(_ScorerBase):
             fwd = self.model(prep.x, prep.feats)
             raw = self.model.term_maps(fwd, terms)
             return {
-                t: crop_reduce(gaussian_blur(m, s.sigma), prep.boxes, s.reduce, s.topk_fraction)
+                t: crop_reduce(self.model.smooth(m), prep.boxes, s.reduce, s.topk_fraction)
                 for t, m in raw.items()
             }
 

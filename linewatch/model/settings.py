@@ -83,6 +83,9 @@ class ModelSettings(_Strict):
     discriminator: NetKind = "sa"
     gen_channels: int = Field(32, ge=4, description="widest generator/encoder layer")
     disc_channels: int = Field(8, ge=4, description="first discriminator layer")
+    pixel_scale: int = Field(
+        2, ge=1, le=8, description="G and D work on the image down-sampled by this factor"
+    )
     heads: int = Field(1, ge=1, description="self-attention heads (eq. 11)")
     # -- memory of normal fused features (the paper's memory bank of normal samples)
     memory: Literal["none", "gaussian", "knn"] = Field(
@@ -90,6 +93,10 @@ class ModelSettings(_Strict):
         description="gaussian: per-position mean/covariance of Phi (Mahalanobis distance); "
         "knn: distance to a coreset of Phi vectors",
     )
+    memory_source: Literal["phi", "levels"] = Field(
+        "phi", description="phi: the fused map; levels: the standardised levels, concatenated"
+    )
+    memory_stride: int = Field(8, description="grid of the memory (input pixels per cell)")
     bank_size: int = Field(2048, ge=16, description="knn: coreset size")
     bank_sampler: Literal["greedy", "random"] = "greedy"
     gauss_eps: float = Field(0.01, gt=0, description="gaussian: ridge added to each covariance")
@@ -126,6 +133,13 @@ class ModelSettings(_Strict):
         for term in active:
             if not needs[term]:
                 raise ValueError(f"weights.{term} > 0 but the network it needs is switched off")
+        if (
+            self.pixel_scale & (self.pixel_scale - 1)
+            or self.pixel_scale >= self.latent_total_stride
+        ):
+            raise ValueError("pixel_scale must be a power of 2 below the latent stride")
+        if self.memory_stride not in (4, 8, 16, 32):
+            raise ValueError("memory_stride must be 4, 8, 16 or 32")
         if self.discriminator != "none" and self.generator == "none":
             raise ValueError("a discriminator needs a generator")
         if self.generator == "none" and not self.mdaae:

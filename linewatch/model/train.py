@@ -207,8 +207,8 @@ def _reconstruction_loss(
         rec, _ = model.mdaae.loss(fwd.ae, fwd.targets, model.level_weights, ts.sparsity)
         loss = loss + rec
         logs["rec"] = float(rec.detach())
-    if fwd.x_hat is not None:
-        residual = (prep.x - fwd.x_hat).abs().mean(1, keepdim=True)
+    if fwd.x_hat is not None and fwd.x_pix is not None:
+        residual = (fwd.x_pix - fwd.x_hat).abs().mean(1, keepdim=True)
         if fwd.att is not None and fwd.z is not None:
             size = (int(residual.shape[-2]), int(residual.shape[-1]))
             mask = attention_mask(fwd.att, size, (int(fwd.z.shape[-2]), int(fwd.z.shape[-1])))
@@ -228,12 +228,12 @@ def _train_step(
     with torch.autocast(device_type, enabled=amp):
         loss_g, fwd = _reconstruction_loss(model, prep, ts, logs)
     d = model.discriminator
-    if d is not None and opt.d is not None and fwd.x_hat is not None:
+    if d is not None and opt.d is not None and fwd.x_hat is not None and fwd.x_pix is not None:
         z = fwd.z.detach() if fwd.z is not None else None
         d.requires_grad_(True)
         opt.d.zero_grad(set_to_none=True)
         lazy_r1 = ts.r1 > 0 and step % ts.r1_every == 0
-        real = prep.x.detach().requires_grad_(lazy_r1)
+        real = fwd.x_pix.detach().requires_grad_(lazy_r1)
         with torch.autocast(device_type, enabled=amp):
             f_real = d.features(real)
             f_fake = d.features(fwd.x_hat.detach())
@@ -625,9 +625,7 @@ def _fit_memory(model: JointModel, train_cache: FeatureCache, seed: int, batch: 
     def phis() -> Iterator[Tensor]:
         with torch.inference_mode():
             for prep in train_cache.batches(batch, device):
-                fwd = model(prep.x, prep.feats)
-                assert fwd.ae is not None
-                yield fwd.ae.phi
+                yield model.memory_features(model(prep.x, prep.feats))
 
     if s.memory == "gaussian":
         memory.fit_gaussian(phis(), s.gauss_eps)
