@@ -251,12 +251,16 @@ def _ablation(args: argparse.Namespace) -> int:
         raise ConfigError(f"--variants {args.variants!r}: use letters from ABCDE")
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
+    overrides = _overrides(args.overrides)
+    if args.size is not None:
+        overrides["size"] = args.size
+    _model_settings(args)  # a bad override fails here, before any training
     run_ablation(
         args.data,
         args.out,
         variants,
         args.seeds,
-        _model_settings(args),
+        overrides,
         _train_settings(args),
         args.eval_batch,
         _progress(args),

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from linewatch.log import get_logger
 from linewatch.model.evaluate import EvalResult, evaluate_scorer
 from linewatch.model.scorer import Scorer, build_backbone, resolve_device
-from linewatch.model.settings import ModelSettings, TrainSettings, variant_settings
+from linewatch.model.settings import TrainSettings, variant_settings
 from linewatch.model.train import TrainReport, prepare_data, train
 
 __all__ = ["METRICS", "AblationRow", "run_ablation", "write_table"]
@@ -74,16 +74,20 @@ def run_ablation(
     out: str | Path,
     variants: Sequence[str] = ("A", "B", "C", "D", "E"),
     seeds: int = 3,
-    base: ModelSettings | None = None,
+    overrides: dict[str, Any] | None = None,
     ts: TrainSettings | None = None,
     batch: int = 8,
     progress: bool = True,
 ) -> list[AblationRow]:
-    """Train, calibrate and evaluate each variant for seeds ``0..seeds-1``; write the table."""
+    """Train, calibrate and evaluate each variant for seeds ``0..seeds-1``; write the table.
+
+    ``overrides`` are model settings applied to every variant (e.g. ``size``); a part an
+    override switches off drops out of that variant's score.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ts = ts or TrainSettings()
-    overrides = _shared_overrides(base)
+    overrides = dict(overrides or {})
     device = resolve_device(ts.device)
     rows: list[AblationRow] = []
     for seed in range(seeds):
@@ -114,15 +118,6 @@ def run_ablation(
             )
             write_table(out, rows)
     return rows
-
-
-def _shared_overrides(base: ModelSettings | None) -> dict[str, Any]:
-    """Settings every variant shares (input size, pre-processing, backbone levels)."""
-    if base is None:
-        return {}
-    keys = ("size", "keep_aspect", "illumination", "backbone", "levels", "sigma", "reduce")
-    dumped = base.model_dump()
-    return {k: dumped[k] for k in keys}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -69,6 +69,7 @@ class EvalResult(BaseModel):
     false_alarm_rate: float | None
     best_f1: float
     per_label_auroc: dict[str, float]
+    per_label_pixel_auroc: dict[str, float]
     ms_per_image: float
     ms_per_image_stages: dict[str, float]
     backbone_ms_per_image: float
@@ -137,6 +138,19 @@ def _pixel_metrics(
     return pixel_auroc(masks, maps), aupro(masks, maps, num_thresholds=_AUPRO_BINS)
 
 
+def _per_label_pixel(
+    samples: Sequence[Sample], masks: list[np.ndarray], maps: list[np.ndarray]
+) -> dict[str, float]:
+    """Pixel AUROC of each defect type against the pixels of the good images."""
+    out: dict[str, float] = {}
+    for label in sorted({s.label for s in samples if s.is_defect}):
+        pick = [i for i, s in enumerate(samples) if not s.is_defect or s.label == label]
+        chosen = [masks[i] for i in pick]
+        if any(m.any() for m in chosen) and not all(m.all() for m in chosen):
+            out[label] = pixel_auroc(chosen, [maps[i] for i in pick])
+    return out
+
+
 def _per_label(
     samples: Sequence[Sample], labels: np.ndarray, scores: np.ndarray
 ) -> dict[str, float]:
@@ -193,6 +207,7 @@ def evaluate_scorer(
         false_alarm_rate=report.false_alarm_rate if report else None,
         best_f1=best.f1,
         per_label_auroc=_per_label(samples, labels, got.scores),
+        per_label_pixel_auroc=_per_label_pixel(samples, got.masks, got.maps),
         ms_per_image=sum(stages.values()),
         ms_per_image_stages=stages,
         backbone_ms_per_image=stages.get("backbone", 0.0),

@@ -200,9 +200,20 @@ def variant_settings(variant: str = "E", **overrides: Any) -> ModelSettings:
     if variant not in VARIANT_PRESETS:
         raise ConfigError(f"unknown variant {variant!r}; expected one of A, B, C, D, E")
     values: dict[str, Any] = {"variant": variant, **VARIANT_PRESETS[variant]}
-    if "weights" in overrides and "weights" in values:
-        values["weights"] = {**values["weights"], **dict(overrides.pop("weights"))}
+    weights = ModelSettings.model_fields["weights"].default.model_dump()
+    weights.update(values.pop("weights", {}))
+    explicit = dict(overrides.pop("weights", {}))
     values.update(overrides)
+    # A part switched off by an override takes its (preset) weight with it; weights given
+    # explicitly are kept, so a contradiction there is still reported.
+    off = {
+        "feat": values.get("mdaae") is False,
+        "mem": values.get("mdaae") is False or values.get("memory") == "none",
+        "pix": values.get("generator") == "none",
+        "disc": values.get("discriminator") == "none" or values.get("generator") == "none",
+    }
+    weights = {t: (0.0 if off[t] else w) for t, w in weights.items()}
+    values["weights"] = {**weights, **explicit}
     return _validated(ModelSettings, values)
 
 
