@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "linewatch.cli.consumers_cmd",
     "linewatch.cli.transport_cmd",
     "linewatch.cli.model_cmd",
+    "linewatch.cli.bench_cmd",
 )
 
 

@@ -1,0 +1,342 @@
+"""Pipeline benchmark: the real line (synth cameras -> ZeroMQ -> workers -> decision ->
+Redis) at a set frame rate, with the model and with the bare backbone in its place.
+
+Definitions (per frame, over the steady part of a run):
+
+- **written time**: when the frame's verdict entry was added to the verdicts stream, read
+  from the entry's id (the Redis server's clock, millisecond resolution; never taken as
+  earlier than ``ts_decided_ns``). A reject record is written by the same Lua script as
+  its verdict, so for rejected parts this is also when the reject gate can see it.
+- **latency** = written time - ``ts_acquired_ns`` (the camera's read, before any copy).
+- **model time** = ``ts_infer_end_ns - ts_infer_start_ns`` of the batch the frame was
+  scored in: a frame waits for its whole batch, so the whole batch's time is its model time.
+- **overhead** = latency - model time: acquisition to dispatch, the wire, waiting for a
+  batch and for a free worker, decision (smoothing, regions, heatmaps), the per-camera
+  reorder stage, and the Redis write.
+- ``overhead_ratio`` = mean(overhead) / mean(model time), over frames that were scored.
+- **full-batch time**: the median model time of batches of ``max_batch`` frames seen in
+  the run; when none filled up (light load), median(model time / batch size) x max_batch,
+  and ``full_batch_source`` says ``extrapolated``.
+- ``p99_over_batch_time`` = p99 latency / full-batch time.
+- **steady part**: frames acquired ``warmup_s`` or later after the run's first frame;
+  the first frames pay for first calls into the model and into Redis.
+- **throughput**: steady verdicts per second of written time, (n - 1) / (last - first).
+
+The same run with ``workers.scorer = "backbone_only"`` (pre-processing and backbone only,
+every part passes) shows what the line costs around a model of nearly no head cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal, cast
+
+import numpy as np
+import redis
+from pydantic import BaseModel, ConfigDict, Field
+
+from linewatch.errors import LinewatchError
+from linewatch.log import get_logger
+from linewatch.streams.records import StreamKeys, VerdictRecord
+from linewatch.testing import redis_server, running_line, wait_until
+
+__all__ = [
+    "LatencyStats",
+    "PipelineBench",
+    "PipelinePlan",
+    "PipelineRun",
+    "ScorerKind",
+    "WrittenVerdict",
+    "line_config_text",
+    "run_pipeline_bench",
+    "summarise_run",
+]
+
+log = get_logger("bench")
+
+ScorerKind = Literal["model", "backbone_only"]
+_STARTUP_BOUND_S = 180.0  # a bound on starting the line on a slow machine, not a claim
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PipelinePlan(_Frozen):
+    """What the pipeline benchmark runs."""
+
+    cameras: tuple[int, ...] = Field((1, 2, 4), description="camera counts, one run each")
+    scorers: tuple[ScorerKind, ...] = ("model", "backbone_only")
+    fps: float = Field(10.0, gt=0, description="frames per second per camera")
+    seconds: float = Field(6.0, gt=0, description="steady part of each run")
+    warmup_s: float = Field(2.0, ge=0, description="first part of each run, not measured")
+    frame_size: int = Field(256, ge=32, description="side of the square synth frames")
+    workers: int = Field(2, ge=1)
+    max_batch: int = Field(8, ge=1)
+    max_wait_ms: float = Field(10.0, ge=0)
+    deadline_ms: float = Field(
+        5000.0, gt=0, description="verdict deadline; a frame past it is a fail-safe reject"
+    )
+    device: str = "auto"
+    model: Path
+
+    @property
+    def frames_per_camera(self) -> int:
+        """Frames each camera sends in one run (warm-up and steady part)."""
+        return math.ceil(self.fps * (self.warmup_s + self.seconds))
+
+
+class LatencyStats(_Frozen):
+    """Milliseconds."""
+
+    p50: float
+    p99: float
+    max: float
+    mean: float
+
+    @classmethod
+    def of(cls, values_ms: np.ndarray) -> LatencyStats | None:
+        """Stats of ``values_ms``; None when empty."""
+        if values_ms.size == 0:
+            return None
+        p50, p99 = np.percentile(values_ms, [50, 99])
+        return cls(p50=round(float(p50), 2), p99=round(float(p99), 2),
+                   max=round(float(values_ms.max()), 2), mean=round(float(values_ms.mean()), 2))
+
+
+class PipelineRun(_Frozen):
+    """One run of the line: ``cameras`` cameras, scored by ``scorer``."""
+
+    cameras: int
+    scorer: ScorerKind
+    offered_fps: float = Field(description="cameras x fps")
+    frames: int = Field(description="frames the cameras were asked to send")
+    verdicts: int = Field(description="verdicts written (one per frame, missed ones included)")
+    steady_frames: int = Field(description="acquired frames in the steady part")
+    missed: int = Field(description="missed_frame verdicts (never acquired)")
+    fail_safe: int = Field(description="fail-safe rejects among the steady frames")
+    throughput_fps: float | None = Field(description="steady verdicts per second written")
+    latency_ms: LatencyStats | None = Field(description="acquisition to verdict in Redis")
+    decided_latency_ms: LatencyStats | None = Field(
+        description="acquisition to decision (the record's latency_ms), for comparison"
+    )
+    model_ms_mean: float | None = Field(description="mean model time per frame (its batch's)")
+    batch_size_mean: float | None = Field(description="mean batch size seen by the frames")
+    full_batch_ms: float | None = Field(description="one full batch's model time")
+    full_batch_source: Literal["full_batches", "extrapolated"] | None
+    overhead_ms_mean: float | None = Field(description="mean of latency - model time")
+    overhead_ratio: float | None = Field(description="mean overhead / mean model time")
+    p99_over_batch_time: float | None = Field(description="p99 latency / full-batch time")
+
+
+class PipelineBench(_Frozen):
+    """Everything the pipeline benchmark measured."""
+
+    plan: PipelinePlan
+    worker_threads: int = Field(description="torch threads per worker (workers.threads auto)")
+    log_dir: str = Field(description="where each run's process logs are")
+    runs: list[PipelineRun]
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+class WrittenVerdict(_Frozen):
+    """A verdict and when Redis added it to the stream (ns since epoch)."""
+
+    verdict: VerdictRecord
+    written_ns: int
+
+
+def entry_time_ns(entry_id: bytes | str) -> int:
+    """The ms part of a stream entry id (``<ms>-<seq>``), in ns."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[0]) * 1_000_000
+
+
+def read_written(client: redis.Redis, line: str) -> list[WrittenVerdict]:
+    """Every verdict of ``line`` with its written time."""
+    entries = cast(
+        list[tuple[bytes, dict[bytes, bytes]]], client.xrange(StreamKeys(line).verdicts)
+    )
+    out = []
+    for entry_id, fields in entries:
+        verdict = VerdictRecord.from_fields(fields)
+        written = max(entry_time_ns(entry_id), verdict.ts_decided_ns)  # ms id is floored
+        out.append(WrittenVerdict(verdict=verdict, written_ns=written))
+    return out
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, digits)
+
+
+def _full_batch_ms(
+    batches: dict[tuple[int, int, int], None], max_batch: int
+) -> tuple[float | None, Literal["full_batches", "extrapolated"] | None]:
+    durations = [(end - start) / 1e6 for start, end, _ in batches]
+    full = [d for d, (_, _, size) in zip(durations, batches, strict=True) if size >= max_batch]
+    if full:
+        return float(np.median(full)), "full_batches"
+    if durations:
+        per_frame = [d / size for d, (_, _, size) in zip(durations, batches, strict=True)]
+        return float(np.median(per_frame)) * max_batch, "extrapolated"
+    return None, None
+
+
+def summarise_run(
+    written: Sequence[WrittenVerdict], plan: PipelinePlan, cameras: int, scorer: ScorerKind
+) -> PipelineRun:
+    """The figures of one run from its verdicts (see the module docstring)."""
+    acquired = [w for w in written if w.verdict.ts_acquired_ns is not None]
+    start = min((cast(int, w.verdict.ts_acquired_ns) for w in acquired), default=0)
+    cutoff = start + int(plan.warmup_s * 1e9)
+    steady = [w for w in acquired if cast(int, w.verdict.ts_acquired_ns) >= cutoff]
+    latency = np.array([(w.written_ns - cast(int, w.verdict.ts_acquired_ns)) / 1e6
+                        for w in steady])
+    decided = np.array([w.verdict.latency_ms for w in steady if w.verdict.latency_ms is not None])
+    scored = [w for w in steady
+              if w.verdict.ts_infer_start_ns is not None and w.verdict.ts_infer_end_ns is not None]
+    model = np.array([(cast(int, w.verdict.ts_infer_end_ns)
+                       - cast(int, w.verdict.ts_infer_start_ns)) / 1e6 for w in scored])
+    scored_latency = np.array([(w.written_ns - cast(int, w.verdict.ts_acquired_ns)) / 1e6
+                               for w in scored])
+    # dict keys keep one entry per batch (its frames share start, end and size), in order
+    batches = {(cast(int, w.verdict.ts_infer_start_ns), cast(int, w.verdict.ts_infer_end_ns),
+                w.verdict.batch_size or 1): None for w in scored}
+    full_ms, full_source = _full_batch_ms(batches, plan.max_batch)
+    overhead = scored_latency - model
+    stats = LatencyStats.of(latency)
+    span_s = (max(w.written_ns for w in steady) - min(w.written_ns for w in steady)) / 1e9 \
+        if len(steady) > 1 else 0.0
+    return PipelineRun(
+        cameras=cameras,
+        scorer=scorer,
+        offered_fps=cameras * plan.fps,
+        frames=cameras * plan.frames_per_camera,
+        verdicts=len(written),
+        steady_frames=len(steady),
+        missed=sum(w.verdict.reason == "missed_frame" for w in written),
+        fail_safe=sum(w.verdict.fail_safe for w in steady),
+        throughput_fps=_round((len(steady) - 1) / span_s, 2) if span_s > 0 else None,
+        latency_ms=stats,
+        decided_latency_ms=LatencyStats.of(decided),
+        model_ms_mean=_round(float(model.mean())) if model.size else None,
+        batch_size_mean=_round(float(np.mean([w.verdict.batch_size or 1 for w in scored])), 2)
+        if scored else None,
+        full_batch_ms=_round(full_ms),
+        full_batch_source=full_source,
+        overhead_ms_mean=_round(float(overhead.mean())) if overhead.size else None,
+        overhead_ratio=_round(float(overhead.mean() / model.mean()))
+        if model.size and model.mean() > 0 else None,
+        p99_over_batch_time=_round(stats.p99 / full_ms) if stats and full_ms else None,
+    )
+
+
+# --------------------------------------------------------------------------- running
+
+
+def line_config_text(plan: PipelinePlan, line: str, cameras: int, scorer: ScorerKind,
+                     run_dir: Path) -> str:
+    """The benchmark line: ``cameras`` synth cameras, ipc sockets in ``run_dir``."""
+    camera_blocks = "".join(
+        f"""
+[[cameras]]
+id = "cam{i}"
+deadline_ms = {plan.deadline_ms}
+frames = {plan.frames_per_camera}
+[cameras.source]
+kind = "synth"
+fps = {plan.fps}
+size = {plan.frame_size}
+seed = {i}
+"""
+        for i in range(cameras)
+    )
+    return f"""line = "{line}"
+{camera_blocks}
+[transport]
+frames_endpoint = "ipc://{run_dir}/frames"
+workers_endpoint = "ipc://{run_dir}/workers"
+results_endpoint = "ipc://{run_dir}/results"
+
+[workers]
+count = {plan.workers}
+max_batch = {plan.max_batch}
+max_wait_ms = {plan.max_wait_ms}
+device = "{plan.device}"
+scorer = "{scorer}"
+
+[model]
+path = "{plan.model}"
+
+[redis]
+spool_dir = "{run_dir}/spool"
+
+[decision]
+heatmaps = "redis"
+"""
+
+
+def _run_line(plan: PipelinePlan, redis_url: str, cameras: int, scorer: ScorerKind,
+              log_dir: Path) -> PipelineRun:
+    line = f"bench-{cameras}cam-{scorer.replace('_', '-')}-{os.getpid()}"
+    client = redis.Redis.from_url(redis_url)
+    key = StreamKeys(line).verdicts
+    client.delete(key)
+    expected = cameras * plan.frames_per_camera
+    bound = _STARTUP_BOUND_S + plan.warmup_s + plan.seconds + plan.deadline_ms / 1000.0
+    # ipc paths must stay short (about 100 bytes), so the sockets live in /tmp
+    with tempfile.TemporaryDirectory(prefix="lw-bench-") as tmp:
+        run_dir = Path(tmp)
+        config = run_dir / "line.toml"
+        config.write_text(line_config_text(plan, line, cameras, scorer, run_dir),
+                          encoding="utf-8")
+        log.info("bench_line_starting", line=line, cameras=cameras, scorer=scorer,
+                 frames=expected)
+        with running_line(config, redis_url, log_dir):
+            try:
+                wait_until(lambda: cast(int, client.xlen(key)) >= expected, timeout_s=bound,
+                           interval_s=0.25, what=f"{expected} verdicts of line {line}")
+            except TimeoutError:
+                raise LinewatchError(
+                    f"bench line {line}: {client.xlen(key)} of {expected} verdicts after "
+                    f"{bound:.0f} s; see the process logs in {log_dir}"
+                ) from None
+    written = read_written(client, line)
+    client.close()
+    run = summarise_run(written, plan, cameras, scorer)
+    log.info("bench_line_done", line=line, p99_ms=run.latency_ms.p99 if run.latency_ms else None,
+             throughput=run.throughput_fps, overhead_ratio=run.overhead_ratio)
+    return run
+
+
+def run_pipeline_bench(plan: PipelinePlan, log_dir: Path,
+                       redis_url: str | None = None) -> PipelineBench:
+    """Run the line once per camera count and scorer; against ``redis_url`` or an
+    embedded Redis started for the benchmark. Process logs go to ``log_dir/<run>/``."""
+    runs: list[PipelineRun] = []
+    with _redis(redis_url) as url:
+        for cameras in plan.cameras:
+            for scorer in plan.scorers:
+                run_logs = log_dir / f"{cameras}cam-{scorer}"
+                runs.append(_run_line(plan, url, cameras, scorer, run_logs))
+    threads = max(1, (os.cpu_count() or 1) // plan.workers)
+    return PipelineBench(plan=plan, worker_threads=threads, log_dir=str(log_dir), runs=runs)
+
+
+def _redis(url: str | None) -> contextlib.AbstractContextManager[str]:
+    if url is not None:
+        return contextlib.nullcontext(url)
+    return _embedded_url()
+
+
+@contextlib.contextmanager
+def _embedded_url() -> Iterator[str]:
+    with redis_server() as server:
+        yield server.url
