@@ -40,8 +40,10 @@ import numpy as np
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
+from linewatch.config import load_config
 from linewatch.errors import LinewatchError
 from linewatch.log import get_logger
+from linewatch.runtime.line import LineRunner, preflight
 from linewatch.streams.records import StreamKeys, VerdictRecord
 from linewatch.testing import redis_server, running_line, wait_until
 
@@ -286,34 +288,47 @@ heatmaps = "redis"
 def _run_line(plan: PipelinePlan, redis_url: str, cameras: int, scorer: ScorerKind,
               log_dir: Path) -> PipelineRun:
     line = f"bench-{cameras}cam-{scorer.replace('_', '-')}-{os.getpid()}"
-    client = redis.Redis.from_url(redis_url)
-    key = StreamKeys(line).verdicts
-    client.delete(key)
     expected = cameras * plan.frames_per_camera
-    bound = _STARTUP_BOUND_S + plan.warmup_s + plan.seconds + plan.deadline_ms / 1000.0
     # ipc paths must stay short (about 100 bytes), so the sockets live in /tmp
-    with tempfile.TemporaryDirectory(prefix="lw-bench-") as tmp:
-        run_dir = Path(tmp)
-        config = run_dir / "line.toml"
-        config.write_text(line_config_text(plan, line, cameras, scorer, run_dir),
+    with (redis.Redis.from_url(redis_url) as client,
+          tempfile.TemporaryDirectory(prefix="lw-bench-") as tmp):
+        client.delete(StreamKeys(line).verdicts)
+        config = Path(tmp) / "line.toml"
+        config.write_text(line_config_text(plan, line, cameras, scorer, Path(tmp)),
                           encoding="utf-8")
+        preflight(load_config(config))  # a bad model file: one line now, not a timeout later
         log.info("bench_line_starting", line=line, cameras=cameras, scorer=scorer,
                  frames=expected)
-        with running_line(config, redis_url, log_dir):
-            try:
-                wait_until(lambda: cast(int, client.xlen(key)) >= expected, timeout_s=bound,
-                           interval_s=0.25, what=f"{expected} verdicts of line {line}")
-            except TimeoutError:
-                raise LinewatchError(
-                    f"bench line {line}: {client.xlen(key)} of {expected} verdicts after "
-                    f"{bound:.0f} s; see the process logs in {log_dir}"
-                ) from None
-    written = read_written(client, line)
-    client.close()
+        with running_line(config, redis_url, log_dir) as runner:
+            _wait_for_verdicts(client, line, expected, runner, plan, log_dir)
+        written = read_written(client, line)
     run = summarise_run(written, plan, cameras, scorer)
     log.info("bench_line_done", line=line, p99_ms=run.latency_ms.p99 if run.latency_ms else None,
              throughput=run.throughput_fps, overhead_ratio=run.overhead_ratio)
     return run
+
+
+def _wait_for_verdicts(client: redis.Redis, line: str, expected: int, runner: LineRunner,
+                       plan: PipelinePlan, log_dir: Path) -> None:
+    """Until ``expected`` verdicts are written; a stopped or stuck line is a one-line error."""
+    key = StreamKeys(line).verdicts
+    bound = _STARTUP_BOUND_S + plan.warmup_s + plan.seconds + plan.deadline_ms / 1000.0
+    try:
+        wait_until(lambda: _line_stopped(runner) or cast(int, client.xlen(key)) >= expected,
+                   timeout_s=bound, interval_s=0.25, what=f"{expected} verdicts of {line}")
+    except TimeoutError:
+        raise LinewatchError(
+            f"bench line {line}: {client.xlen(key)} of {expected} verdicts after {bound:.0f} s; "
+            f"see the process logs in {log_dir}"
+        ) from None
+    stopped = _line_stopped(runner)
+    if stopped:
+        raise LinewatchError(f"bench line {line} stopped: {stopped}; logs in {log_dir}")
+
+
+def _line_stopped(runner: LineRunner) -> str | None:
+    """Why the line's supervisor gave up (a process refused its configuration), if it did."""
+    return runner.supervisor.failed if runner.supervisor is not None else None
 
 
 def run_pipeline_bench(plan: PipelinePlan, log_dir: Path,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -144,6 +143,34 @@ def _plans(
     return model_plan, pipeline_plan
 
 
+def _command(args: argparse.Namespace, model_plan: ModelBenchPlan | None,
+             pipeline_plan: PipelinePlan | None) -> str:
+    """The command line with every setting spelled out (``--quick`` expanded): it
+    reproduces the run, whatever defaults a later version has."""
+    words = ["linewatch", "bench", "--device", args.device]
+    if args.model is not None:
+        words += ["--model", str(args.model)]
+    if args.cache is not None:
+        words += ["--cache", str(args.cache)]
+    if args.threads is not None:
+        words += ["--threads", str(args.threads)]
+    if args.only is not None:
+        words += ["--only", args.only]
+    if model_plan is not None:
+        m = model_plan
+        words += ["--sizes", *map(str, m.sizes), "--batches", *map(str, m.batches),
+                  "--tiled-frame", str(m.tiled_frame or 0), "--repeats", str(m.repeats),
+                  "--warmup", str(m.warmup)]
+    if pipeline_plan is not None:
+        q = pipeline_plan
+        words += ["--cameras", *map(str, q.cameras), "--fps", f"{q.fps:g}",
+                  "--seconds", f"{q.seconds:g}", "--warmup-seconds", f"{q.warmup_s:g}",
+                  "--frame-size", str(q.frame_size), "--workers", str(q.workers)]
+    if args.json is not None:
+        words += ["--json", str(args.json)]
+    return shlex.join(words)
+
+
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -158,7 +185,7 @@ def _bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cache = args.cache or default_cache_dir()
     model_plan, pipeline_plan = _plans(args, cache)
-    command = shlex.join(["linewatch", *sys.argv[1:]])
+    command = _command(args, model_plan, pipeline_plan)
     report = run_bench(model_plan, pipeline_plan, command=command, cache=cache,
                        log_dir=cache / "bench" / "last-run-logs", device=args.device)
     print(format_report(report), end="")
