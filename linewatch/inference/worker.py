@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from linewatch.config import LineConfig, ThresholdRule
-from linewatch.errors import LinewatchError
+from linewatch.errors import ConfigError, LinewatchError, ModelFileError
 from linewatch.inference.batcher import DynamicBatcher
 from linewatch.inference.tiling import crop_roi, cut_tiles, stitch_maps, tile_grid
 from linewatch.lifecycle import notify_ready
@@ -238,6 +238,35 @@ def score_tiled(
     return results
 
 
+def scorer_loader(config: LineConfig, device: str | None = None) -> Callable[[Path], ScorerLike]:
+    """How the line's workers load a model file (``workers.scorer``) on ``device``
+    (default ``workers.device``)."""
+    from linewatch.model.scorer import BackboneOnlyScorer, Scorer
+
+    workers = config.workers
+    scorer_class = BackboneOnlyScorer if workers.scorer == "backbone_only" else Scorer
+
+    def load(path: Path) -> ScorerLike:
+        return scorer_class.load(path, device=device or workers.device)
+
+    return load
+
+
+def load_line_scorer(config: LineConfig, device: str | None = None) -> ScorerLike:
+    """The line's model file loaded as its workers serve it, calibrated for ``decision.rule``.
+
+    Raises :class:`ConfigError` naming ``model.path``: a model file that cannot be
+    served (another format version, a checksum mismatch, weights that do not fit,
+    not calibrated) does not heal by restarting, so the line stops instead.
+    """
+    try:
+        scorer = scorer_loader(config, device)(config.model.path)
+        scorer.threshold(config.decision.rule)  # an uncalibrated model cannot decide
+    except ModelFileError as exc:
+        raise ConfigError(f"model.path: {exc}") from None
+    return scorer
+
+
 def run_inference_worker(config: LineConfig, index: int) -> dict[str, int]:
     """Load the line's model and serve as worker ``index`` until SIGINT/SIGTERM."""
     import os
@@ -245,22 +274,16 @@ def run_inference_worker(config: LineConfig, index: int) -> dict[str, int]:
     import torch
 
     from linewatch.lifecycle import run_until_signalled
-    from linewatch.model.scorer import BackboneOnlyScorer, Scorer
     from linewatch.transport.worker_link import WorkerLink
 
     workers = config.workers
     torch.set_num_threads(workers.threads or max(1, (os.cpu_count() or 1) // workers.count))
-    scorer_class = BackboneOnlyScorer if workers.scorer == "backbone_only" else Scorer
     if workers.scorer == "backbone_only":
         log.warning("worker_backbone_only", worker=index, note="every part passes; bench only")
-
-    def load(path: Path) -> Scorer | BackboneOnlyScorer:
-        return scorer_class.load(path, device=workers.device)
-
     worker_id = f"{config.line}-w{index}"
-    scorer = load(config.model.path)
-    scorer.threshold(config.decision.rule)  # refuse an uncalibrated model before serving
+    scorer = load_line_scorer(config)
     with WorkerLink(config.transport, worker_id, workers.max_batch) as link:
-        worker = InferenceWorker(config, worker_id, scorer, link, load_scorer=load, index=index)
+        worker = InferenceWorker(config, worker_id, scorer, link,
+                                 load_scorer=scorer_loader(config), index=index)
         stats: dict[str, int] = run_until_signalled(worker)
     return stats

@@ -5,10 +5,11 @@ hands its address to the children through ``LINEWATCH_REDIS__URL`` (the same
 environment override a user would set), so every process reads one config file.
 
 Before any process starts, :func:`preflight` checks what the processes would
-otherwise find out one by one, after the others are up: the model file (readable,
-intact, calibrated for the line's rule), each camera's source (producer file,
-folder of images), the CURVE keys, the socket and spool folders. A bad
-configuration therefore never starts half a line.
+otherwise find out one by one, after the others are up: the model file (loaded as
+a worker loads it: format, version, checksum, weights, a threshold for the line's
+rule) and the workers' device, each camera's source (producer file, folder of
+images), the CURVE keys, the socket and spool folders. A bad configuration
+therefore never starts half a line.
 """
 
 from __future__ import annotations
@@ -83,26 +84,20 @@ def preflight(config: LineConfig) -> None:
 
 
 def _model_problems(config: LineConfig) -> list[str]:
-    """The model file: format, version, checksum, settings and the rule's threshold."""
-    from linewatch.metrics.thresholds import ThresholdSet
-    from linewatch.model.modelfile import load_model_file
-    from linewatch.model.settings import model_settings_from_dict
+    """The model file as the workers will load it (on the CPU here), and their device."""
+    from linewatch.inference.worker import load_line_scorer
+    from linewatch.model.scorer import resolve_device
 
-    path = config.model.path
+    problems = []
     try:
-        _, meta = load_model_file(path)  # verifies format, version and checksum
-        if "model" not in meta.config:
-            return [f"model.path: {path}: not a finished model (no model settings)"]
-        model_settings_from_dict(meta.config["model"])
-        if meta.thresholds is None:
-            return [f"model.path: {path}: not calibrated (run linewatch calibrate)"]
-        ThresholdSet.model_validate(meta.thresholds).for_rule(config.decision.rule)
+        resolve_device(config.workers.device)
     except LinewatchError as exc:
-        return [f"model.path: {exc}"]
-    except ValueError as exc:  # settings or thresholds that do not validate
-        first = str(exc).strip().splitlines()[0]
-        return [f"model.path: {path}: invalid model settings or thresholds ({first})"]
-    return []
+        problems.append(f"workers.device: {exc}")
+    try:
+        load_line_scorer(config, device="cpu")  # format, version, checksum, weights, threshold
+    except LinewatchError as exc:
+        problems.append(str(exc))
+    return problems
 
 
 def _camera_problems(config: LineConfig) -> list[str]:

@@ -26,6 +26,9 @@ log = get_logger("supervisor")
 CONFIG_ERROR_EXIT = 2
 """Exit code of a process that refused its configuration (ConfigError, usage error)."""
 
+_ERROR_PREFIX = "linewatch: error:"  # how the CLI prints a LinewatchError
+_ERROR_TAIL_BYTES = 64 * 1024  # the error is at the end of a log that may be large
+
 
 @dataclass(frozen=True)
 class ProcessSpec:
@@ -181,8 +184,9 @@ class Supervisor:
             proc = child.process
             if proc is not None and proc.poll() == CONFIG_ERROR_EXIT:
                 # A configuration error does not heal by restarting: stop the whole line.
-                log.error("process_config_error", process=child.spec.name)
-                self.failed = f"{child.spec.name}: configuration error (exit {CONFIG_ERROR_EXIT})"
+                why = self._error_line(child) or f"configuration error (exit {CONFIG_ERROR_EXIT})"
+                log.error("process_config_error", process=child.spec.name, error=why)
+                self.failed = f"{child.spec.name}: {why}"
                 child.process, child.finished = None, True
                 self._stop.set()
             elif proc is not None and proc.poll() == 0:
@@ -201,6 +205,20 @@ class Supervisor:
             if child.process is None and not child.finished and now >= child.next_start_at:
                 child.restarts += 1
                 self._start(child)
+
+    def _error_line(self, child: _Child) -> str | None:
+        """The one-line error a child printed last (``linewatch: error: ...``), if its
+        output went to a log file; else it is on our stderr already."""
+        if self.log_dir is None:
+            return None
+        try:
+            with (self.log_dir / f"{child.spec.name}.log").open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - _ERROR_TAIL_BYTES))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return None
+        errors = [line for line in text.splitlines() if line.startswith(_ERROR_PREFIX)]
+        return errors[-1][len(_ERROR_PREFIX):].strip() if errors else None
 
     def _shutdown(self) -> None:
         for stage in sorted({c.spec.stage for c in self._children}):
