@@ -219,12 +219,11 @@ class DecisionService:
     def tick(self) -> None:
         """Fail-safe verdicts for frames past their deadline; retry a spooled backlog."""
         now = self._clock_ns()
-        cameras = set()
         for header in self.tracker.expire(now):
             self.counters.timeouts += 1
             self._hold(self._fail_safe(header, REASON_TIMEOUT, now), now)
-            cameras.add(header.camera)
-        for camera in sorted(cameras):
+        # Expiry also ends waits for announcements that never came: look at every camera.
+        for camera in self.order.cameras():
             self._release(camera, now)
         self.writer.flush(force=False)
 
@@ -273,8 +272,7 @@ class DecisionService:
         if isinstance(message, ResultHeader) and amap is not None:  # the codec pairs them
             self._on_result(message, amap)
         elif isinstance(message, FrameAnnounce):
-            if self.tracker.announce(message.frame):
-                self.writer.remember_pending(message.frame)
+            self._on_announce(message.frame)
         elif isinstance(message, FrameFailed):
             self._on_failed(message)
         elif isinstance(message, GapNotice):
@@ -282,13 +280,24 @@ class DecisionService:
         elif isinstance(message, CameraStatus):
             self._on_camera(message)
 
+    def _on_announce(self, frame: FrameHeader) -> None:
+        if not self.tracker.announce(frame):
+            # Known: maybe a decided frame that waited for this announcement to be released.
+            self._release(frame.camera, self._clock_ns())
+        elif not self.writer.remember_pending(frame):
+            # Announced again after a restart of this service, and written before it.
+            self.tracker.written_before(frame.frame_id)
+
     def _on_result(self, result: ResultHeader, stored_map: np.ndarray) -> None:
         frame = result.frame
+        announced = self.tracker.is_pending(frame.frame_id)
         if not self.tracker.complete(frame.frame_id):
             self.counters.ignored_results += 1
             return
-        self.counters.results += 1
         now = self._clock_ns()
+        if not announced:  # the result overtook its announcement: keep the seq order
+            self.tracker.await_announcement(frame, now)
+        self.counters.results += 1
         try:
             batch = self._decide(result, stored_map, now)
         except Exception:
@@ -300,9 +309,12 @@ class DecisionService:
         self._release(frame.camera, now)
 
     def _on_failed(self, message: FrameFailed) -> None:
+        announced = self.tracker.is_pending(message.frame.frame_id)
         if self.tracker.fail(message.frame, message.reason):
-            self.counters.failed += 1
             now = self._clock_ns()
+            if not announced:  # a worker's failure that overtook the announcement
+                self.tracker.await_announcement(message.frame, now)
+            self.counters.failed += 1
             self._hold(self._fail_safe(message.frame, message.reason, now), now)
             self._release(message.frame.camera, now)
         else:

@@ -79,6 +79,16 @@ redis.call('HDEL', KEYS[5], ARGV[6])
 return id
 """
 
+# KEYS: the frame's done key, the pending hash. ARGV: frame id, header JSON.
+# A frame written before (announced again to a restarted decision service) is not noted.
+_NOTE_PENDING_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
 # KEYS: the alarm's done key, the alarms stream. ARGV: dedupe ttl, alarms maxlen, then
 # the alarm's fields k1 v1 ... kn vn.
 _WRITE_ALARM_LUA = """
@@ -133,6 +143,7 @@ class StreamWriter:
         self._clock = clock
         self._script = client.register_script(_WRITE_FRAME_LUA)
         self._alarm_script = client.register_script(_WRITE_ALARM_LUA)
+        self._pending_script = client.register_script(_NOTE_PENDING_LUA)
         self._next_try = 0.0  # while records are spooled, Redis is tried again from then on
 
     # ------------------------------------------------------------------ verdicts
@@ -196,21 +207,28 @@ class StreamWriter:
 
     # ------------------------------------------------------------------ pending frames
 
-    def remember_pending(self, header: FrameHeader) -> None:
+    def remember_pending(self, header: FrameHeader) -> bool:
         """Note an announced frame in Redis so that a restarted service still decides it.
 
-        Skipped while Redis is away, so that an outage costs one failed attempt per
-        ``redis.retry_interval_s`` rather than one per frame.
+        False when the frame's verdict was written before (an announcement repeated to
+        a restarted service), else True. Skipped (True) while Redis is away, so that an
+        outage costs one failed attempt per ``redis.retry_interval_s`` rather than one
+        per frame.
         """
         if self.redis_away:
-            return
+            return True
         try:
-            self.client.hset(self.keys.pending, header.frame_id, header.model_dump_json())
+            noted = self._pending_script(
+                keys=[self.keys.done(header.frame_id), self.keys.pending],
+                args=[header.frame_id, header.model_dump_json()],
+            )
         except redis.RedisError as exc:
             # Best effort: while Redis is away the in-memory tracker still has the frame.
             self.counters.redis_errors += 1
             self._next_try = self._clock() + self.cfg.retry_interval_s
             log.debug("pending_not_saved", frame_id=header.frame_id, error=str(exc))
+            return True
+        return bool(noted)
 
     def load_pending(self) -> list[FrameHeader]:
         """Frames announced to an earlier run and not decided yet (empty if Redis is away)."""

@@ -23,6 +23,10 @@ The load-balancing broker of the ZeroMQ guide with Paranoid Pirate heartbeats::
   Its registration is fenced by an epoch, so frames sent to a dead registration
   are dropped by the worker when it comes back, never scored twice.
 - Frames whose deadline passes while queued fail as ``deadline_in_queue``.
+- Messages decision had received but not handled die with it. When its connection
+  comes back (a restarted service), the last frames announced are announced again;
+  decision ignores those it knows and those already written, and decides the rest
+  (at worst a fail-safe ``timeout``), so no frame is lost with a crashed decision.
 
 Everything happens in :meth:`Dispatcher.step`, single-threaded, so tests drive
 the dispatcher and its workers step by step without threads; :func:`serve` is
@@ -38,6 +42,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from linewatch.config import TransportConfig
 from linewatch.lifecycle import notify_ready, run_until_signalled
@@ -132,6 +137,7 @@ class DispatchStats:
     redispatched: int = 0
     done: int = 0
     workers_lost: int = 0
+    reannounced: int = 0
     failed: dict[str, int] = field(default_factory=dict)
 
 
@@ -150,6 +156,10 @@ class Dispatcher:
         self._notices: deque[list[bytes]] = deque()
         self._workers: dict[bytes, _Worker] = {}
         self._sent_count = 0
+        # Frames announced last, to announce again to a decision service that reconnects:
+        # at most what its receive queue and ours can have held when it went away.
+        self._announced: deque[FrameHeader] = deque(maxlen=2 * cfg.high_water_mark)
+        self._decision_lost = False
         self._stop = threading.Event()
         now = time.monotonic()
         self._next_heartbeat = now + self._heartbeat_s
@@ -161,6 +171,10 @@ class Dispatcher:
             # A send to a worker that disconnected fails (EHOSTUNREACH) instead of vanishing.
             self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self._decision = self._open(ctx, "push", "connect", cfg.results_endpoint, "decision")
+            self._decision_events = self._decision.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+            )
+            self._sockets.append(self._decision_events)  # closed after the socket it watches
         except BaseException:
             self.close()
             raise
@@ -268,6 +282,7 @@ class Dispatcher:
         log.info(
             "dispatcher_stats", frames_in=s.frames_in, notices=s.notices,
             frames_out=s.frames_out, redispatched=s.redispatched, done=s.done,
+            reannounced=s.reannounced,
             failed=dict(s.failed), workers_lost=s.workers_lost, queued=len(self._queue),
             in_flight=self._in_flight(), workers=len(self._workers),
             bad_messages=dict(self.bad_messages.counts),
@@ -304,7 +319,7 @@ class Dispatcher:
                 self._notify(message)
                 continue
             self.stats.frames_in += 1
-            self._notify(FrameAnnounce(frame=message.header))
+            self._announce(message.header)
             self._queue.append(_Queued(message, parts))
 
     def _read_workers(self) -> None:
@@ -355,6 +370,7 @@ class Dispatcher:
     # ------------------------------------------------------------------ dispatching
 
     def _housekeeping(self) -> None:
+        self._watch_decision()
         now = time.monotonic()
         for worker in list(self._workers.values()):
             if now - worker.last_seen > self._dead_after_s:
@@ -459,13 +475,35 @@ class Dispatcher:
                 self._notify(message)
                 continue
             self.stats.frames_in += 1
-            self._notify(FrameAnnounce(frame=message.header))
+            self._announce(message.header)
             self._fail(message.header, "dispatcher_stopped")
 
     def _in_flight(self) -> int:
         return sum(len(w.in_flight) for w in self._workers.values())
 
     # ------------------------------------------------------------------ sending
+
+    def _announce(self, header: FrameHeader) -> None:
+        self._announced.append(header)
+        self._notify(FrameAnnounce(frame=header))
+
+    def _watch_decision(self) -> None:
+        """Announce the last frames again when decision's connection comes back."""
+        while True:
+            try:
+                event = recv_monitor_message(self._decision_events, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._decision_lost = True
+                log.warning("decision_disconnected", endpoint=self.cfg.results_endpoint)
+            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED and self._decision_lost:
+                self._decision_lost = False
+                again = list(self._announced)
+                for header in again:
+                    self._notify(FrameAnnounce(frame=header))
+                self.stats.reannounced += len(again)
+                log.info("decision_reconnected", reannounced=len(again))
 
     def _fail(self, header: FrameHeader, reason: str) -> None:
         self.stats.failed[reason] = self.stats.failed.get(reason, 0) + 1
