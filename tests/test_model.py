@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from linewatch.errors import ConfigError
-from linewatch.model.joint import (
-    JointModel,
-    NormalMemory,
-    build_memory_bank,
-    gaussian_blur,
-    reduce_map,
-)
+from linewatch.model.joint import JointModel, gaussian_blur, reduce_map
+from linewatch.model.mdaae import NormalMemory, build_memory_bank
 from linewatch.model.sagan import SelfAttention, attention_mask
 from linewatch.model.scorer import Prepared
 from linewatch.model.settings import TERMS, ModelSettings, TrainSettings, variant_settings
@@ -87,7 +82,13 @@ def test_each_variant_scores_every_term_it_has(variant: str) -> None:
     model = _model(variant).eval()
     prep = _batch()
     if model.memory is not None:
-        model.memory.fit_gaussian([model(prep.x, prep.feats).ae.phi for _ in range(2)], 0.01)
+        with torch.inference_mode():
+            feats = model.memory_features(model(prep.x, prep.feats))
+        model.memory.fit_gaussian([feats, feats + 0.1], 0.01)
+    if model.mdaae is not None:
+        assert prep.feats is not None
+        with torch.inference_mode():
+            model.mdaae.fit_residuals([model.mdaae.standardise(prep.feats)] * 2, 0.01)
     with torch.inference_mode():
         fwd = model(prep.x, prep.feats)
         maps = model.term_maps(fwd, model.available_terms())
@@ -160,7 +161,7 @@ def test_gaussian_blur_keeps_constants_and_reduce_picks_max_or_topk() -> None:
 
 
 def test_position_norm_standardises_each_position() -> None:
-    model = _model("B").eval()
+    model = _model("B", feature_distance="l2").eval()
     batches = [_batch(4, seed) for seed in range(3)]
     with torch.inference_mode():
         model.fit_position_norm(model(b.x, b.feats) for b in batches)
@@ -179,3 +180,23 @@ def test_position_norm_standardises_each_position() -> None:
     torch.testing.assert_close(model.pos_std[i], pooled.std(0), rtol=1e-3, atol=1e-5)
     assert abs(float(normed.mean())) < 0.1
     assert float(normed.std()) == pytest.approx(1.0, abs=0.25)
+
+
+def test_residual_mahalanobis_flags_what_the_autoencoder_cannot_rebuild() -> None:
+    model = _model("B").eval()
+    mdaae = model.mdaae
+    assert mdaae is not None
+    normal = [_batch(8, seed) for seed in range(4)]
+    with torch.inference_mode():
+        mdaae.fit_residuals((mdaae.standardise(b.feats or []) for b in normal), eps=0.01)
+        probe = _batch(2, seed=10)
+        assert probe.feats is not None
+        clean = model.term_maps(model(probe.x, probe.feats), ["feat"], position_norm=False)
+        hit = [f.clone() for f in probe.feats]
+        hit[1][1, :, 3:5, 3:5] += 8.0  # a local defect in image 1 at the stride-8 level
+        dirty = model.term_maps(model(probe.x, hit), ["feat"], position_norm=False)
+    # The spot on the stride-4 grid of the term maps.
+    assert float(dirty["feat"][1, 0, 6:10, 6:10].max()) > 2 * float(
+        clean["feat"][1, 0, 6:10, 6:10].max()
+    )
+    torch.testing.assert_close(dirty["feat"][0], clean["feat"][0])  # image 0 is untouched

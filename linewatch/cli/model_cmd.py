@@ -50,7 +50,7 @@ def _add_model_options(p: argparse.ArgumentParser, with_variant: bool = True) ->
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 40)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 10)")
     p.add_argument("--batch", type=int, default=None, help="training batch (default: 16)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -154,10 +154,14 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     report = calibrate(args.model, args.data, args.device, args.batch, _progress(args))
     t = report.thresholds
+    w = report.normalisation.weights
+    terms = ", ".join(f"{k} {v:.3f}" for k, v in report.term_auroc.items())
+    weights = ", ".join(f"{k} {getattr(w, k):g}" for k in w.active()) if w else "settings"
     print(
         f"{args.model}: val AUROC {report.val_auroc:.4f} ({report.n_good} good, "
-        f"{report.n_defect} defective); thresholds operating_point {t.operating_point:.4f} "
-        f"f1_max {t.f1_max:.4f} youden {t.youden:.4f} (version {t.version})"
+        f"{report.n_defect} defective); per term {terms}; weights {weights}; "
+        f"thresholds operating_point {t.operating_point:.4f} f1_max {t.f1_max:.4f} "
+        f"youden {t.youden:.4f} (version {t.version})"
     )
     return 0
 

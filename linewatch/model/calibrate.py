@@ -1,40 +1,62 @@
-"""Calibration (``linewatch calibrate``): score normalisation and thresholds from ``val``.
+"""Calibration (``linewatch calibrate``): normalisation, term weights and thresholds from ``val``.
 
-1. Per-term normalisation (method.md §3) on the *good* ``val`` images: for every term the
+One pass of the networks over ``val`` gives every term's map for every image; then
+
+1. per-term normalisation (method.md §3) on the *good* ``val`` images: for each term the
    model can compute, the mean and std of its per-image score (max or top-k mean of the
-   smoothed map). The joint map is then ``sum_t w_t (A_t - mean_t) / std_t``.
-2. The three threshold rules (method.md §4) on all ``val`` images, good and defective, in
-   those normalised units; the fixed operating point (highest precision at recall >= 0.90)
-   is the line's default rule.
+   smoothed map), so the joint map is ``sum_t w_t (A_t - mean_t) / std_t``;
+2. the term weights "set on validation data" (method.md §3): a small grid search over the
+   terms the settings weight (each weight in {0, 1/4, 1/2, 1}, the largest 1) for the highest
+   val image AUROC, ties to the higher PR-AUC and then to fewer terms (cheaper scoring);
+3. the three threshold rules (method.md §4) on all ``val`` images in those normalised units;
+   the fixed operating point (highest precision at recall >= 0.90) is the line's default.
 
-Both are stored in the model file's metadata; the weights are not touched.
+All three are stored in the model file's metadata; the weights of the networks are not
+touched.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict
+from torch import Tensor
 from tqdm import tqdm
 
 from linewatch.data.images import read_image
 from linewatch.data.mvtec import MVTecDataset, Sample
 from linewatch.errors import DataError
 from linewatch.log import get_logger
-from linewatch.metrics.ranking import auroc
+from linewatch.metrics.ranking import auroc, pr_auc
 from linewatch.metrics.thresholds import ThresholdSet, fit_thresholds
 from linewatch.model.joint import Normalisation, TermNorm
 from linewatch.model.modelfile import update_model_meta
-from linewatch.model.scorer import Prepared, Scorer
+from linewatch.model.scorer import Box, Prepared, Scorer, crop_reduce
+from linewatch.model.settings import ScoreWeights
 
-__all__ = ["CalibrationReport", "calibrate", "calibrate_scorer", "fit_normalisation"]
+__all__ = [
+    "WEIGHT_GRID",
+    "CalibrationReport",
+    "TermMaps",
+    "calibrate",
+    "calibrate_scorer",
+    "collect_term_maps",
+    "fit_normalisation",
+    "search_weights",
+]
 
 log = get_logger("calibrate")
 
 # A term whose score barely varies over good images would be blown up by 1/std.
 _MIN_SCALE = 1e-6
+# Candidate weights of each term in the search; the largest weight is always 1 (scale-free).
+WEIGHT_GRID = (0.0, 0.25, 0.5, 1.0)
+_CHUNK = 64
 
 
 class CalibrationReport(BaseModel):
@@ -46,28 +68,109 @@ class CalibrationReport(BaseModel):
     normalisation: Normalisation
     thresholds: ThresholdSet
     val_auroc: float
+    val_pr_auc: float
+    term_auroc: dict[str, float]
     n_good: int
     n_defect: int
 
 
-def fit_normalisation(scorer: Scorer, batches: Iterable[Prepared], source: str) -> Normalisation:
-    """Mean/std of each available term's per-image score over good images."""
-    terms = scorer.model.available_terms()
-    collected: dict[str, list[np.ndarray]] = {t: [] for t in terms}
-    for prep in batches:
-        for term, scores in scorer.term_scores(prep, terms).items():
-            collected[term].append(scores.float().cpu().numpy())
-    fitted: dict[str, TermNorm] = {}
-    n = 0
-    for term, parts in collected.items():
-        values = np.concatenate(parts).astype(np.float64)
-        n = len(values)
-        if n < 2:
-            raise DataError(f"normalisation needs at least 2 good images, got {n}")
+@dataclass
+class TermMaps:
+    """Every term's (position-normalised, unsmoothed) map of a set of images, on the CPU."""
+
+    maps: dict[str, Tensor]
+    boxes: list[Box]
+
+    def chunks(self) -> Iterator[tuple[dict[str, Tensor], list[Box]]]:
+        """The maps in chunks, to bound the memory of smoothing at input resolution."""
+        n = len(self.boxes)
+        for start in range(0, n, _CHUNK):
+            stop = min(start + _CHUNK, n)
+            yield {t: m[start:stop] for t, m in self.maps.items()}, self.boxes[start:stop]
+
+    def select(self, rows: np.ndarray) -> TermMaps:
+        """The images at ``rows``."""
+        idx = torch.from_numpy(np.flatnonzero(rows))
+        return TermMaps({t: m[idx] for t, m in self.maps.items()}, [self.boxes[i] for i in idx])
+
+
+def collect_term_maps(scorer: Scorer, batches: Iterable[Prepared]) -> TermMaps:
+    """Run the networks once over ``batches`` and keep every available term's map."""
+    model = scorer.model
+    terms = model.available_terms()
+    parts: dict[str, list[Tensor]] = {t: [] for t in terms}
+    boxes: list[Box] = []
+    with torch.inference_mode():
+        for prep in batches:
+            raw = model.term_maps(model(prep.x, prep.feats, terms), terms)
+            for t in terms:
+                parts[t].append(raw[t].float().cpu())
+            boxes += prep.boxes
+    if not boxes:
+        raise DataError("calibration got no images")
+    return TermMaps({t: torch.cat(p) for t, p in parts.items()}, boxes)
+
+
+def _term_scores(scorer: Scorer, maps: TermMaps, term: str) -> np.ndarray:
+    s = scorer.settings
+    out = [
+        crop_reduce(scorer.model.smooth(m[term]), boxes, s.reduce, s.topk_fraction)
+        for m, boxes in maps.chunks()
+    ]
+    return torch.cat(out).numpy()
+
+
+def _normalisation_from(scorer: Scorer, good: TermMaps, source: str) -> Normalisation:
+    n = len(good.boxes)
+    if n < 2:
+        raise DataError(f"normalisation needs at least 2 good images, got {n}")
+    fitted = {}
+    for term in good.maps:
+        values = _term_scores(scorer, good, term).astype(np.float64)
         fitted[term] = TermNorm(
             offset=float(values.mean()), scale=max(float(values.std(ddof=1)), _MIN_SCALE)
         )
     return Normalisation(terms=fitted, source=source, n_images=n)
+
+
+def fit_normalisation(scorer: Scorer, batches: Iterable[Prepared], source: str) -> Normalisation:
+    """Mean/std of each available term's per-image score over good images ``batches``."""
+    return _normalisation_from(scorer, collect_term_maps(scorer, batches), source)
+
+
+def joint_scores(scorer: Scorer, maps: TermMaps, weights: ScoreWeights) -> np.ndarray:
+    """Image scores of the joint map with ``weights`` (the model's normalisation in force)."""
+    s = scorer.settings
+    out = []
+    with torch.inference_mode():
+        for m, boxes in maps.chunks():
+            joint = scorer.model.joint_map(m, weights)
+            out.append(crop_reduce(joint, boxes, s.reduce, s.topk_fraction))
+    return torch.cat(out).numpy()
+
+
+def _candidates(terms: Sequence[str]) -> Iterator[ScoreWeights]:
+    for combo in itertools.product(WEIGHT_GRID, repeat=len(terms)):
+        if max(combo) == 1.0:
+            yield ScoreWeights(**dict(zip(terms, combo, strict=True)))
+
+
+def search_weights(
+    scorer: Scorer, maps: TermMaps, labels: np.ndarray
+) -> tuple[ScoreWeights, float, float]:
+    """The candidate weights with the best val AUROC (then PR-AUC, then fewest terms)."""
+    allowed = [t for t in scorer.model.settings.weights.active() if t in maps.maps]
+    if not allowed:
+        raise DataError("no weighted score term is available to calibrate")
+    best: tuple[float, float, int] | None = None
+    chosen = ScoreWeights()
+    for weights in _candidates(allowed):
+        scores = joint_scores(scorer, maps, weights)
+        key = (auroc(labels, scores), pr_auc(labels, scores), -len(weights.active()))
+        if best is None or key > best:
+            best, chosen = key, weights
+    assert best is not None
+    return chosen, best[0], best[1]
 
 
 def image_batches(
@@ -81,10 +184,23 @@ def image_batches(
             bar.update(len(chunk))
 
 
-def joint_scores(scorer: Scorer, batches: Iterable[Prepared]) -> np.ndarray:
-    """Normalised joint image scores of every image in ``batches``."""
-    parts = [scorer.score_prepared(prep)[1].float().cpu().numpy() for prep in batches]
-    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+def calibrate_maps(
+    scorer: Scorer, maps: TermMaps, labels: np.ndarray, min_recall: float = 0.9
+) -> tuple[Normalisation, ThresholdSet, dict[str, float], float, float]:
+    """Normalisation, weights and thresholds from the term maps of a labelled val set."""
+    good = labels == 0
+    norm = _normalisation_from(scorer, maps.select(good), source="val/good")
+    scorer.model.norm = norm
+    term_auroc = {
+        t: auroc(labels, joint_scores(scorer, maps, ScoreWeights(**{t: 1.0}))) for t in maps.maps
+    }
+    weights, val_auroc, val_pr_auc = search_weights(scorer, maps, labels)
+    norm = norm.model_copy(update={"weights": weights})
+    scorer.model.norm = norm
+    scorer.refresh()
+    scores = joint_scores(scorer, maps, weights)
+    thresholds = fit_thresholds(labels, scores, min_recall=min_recall)
+    return norm, thresholds, term_auroc, val_auroc, val_pr_auc
 
 
 def calibrate_scorer(
@@ -95,22 +211,19 @@ def calibrate_scorer(
     progress: bool = True,
     min_recall: float = 0.9,
 ) -> CalibrationReport:
-    """Fit normalisation and thresholds of the model at ``path`` on ``dataset``'s val split."""
+    """Fit normalisation, weights and thresholds of the model at ``path`` on ``val``."""
     path = Path(path)
     if "val" not in dataset.splits():
         raise DataError(f"{dataset.root}: calibration needs a val split (good and defective)")
     samples = dataset.validate("val")
-    good = [s for s in samples if not s.is_defect]
-    if not good or len(good) == len(samples):
+    labels = np.array([int(s.is_defect) for s in samples])
+    if labels.all() or not labels.any():
         raise DataError(f"{dataset.root / 'val'}: calibration needs good and defective images")
     scorer = Scorer.load(path, device)
-    norm = fit_normalisation(
-        scorer, image_batches(scorer, good, batch, progress, "normalise"), source="val/good"
+    maps = collect_term_maps(scorer, image_batches(scorer, samples, batch, progress, "calibrate"))
+    norm, thresholds, term_auroc, val_auroc, val_pr_auc = calibrate_maps(
+        scorer, maps, labels, min_recall
     )
-    scorer.model.norm = norm
-    labels = np.array([int(s.is_defect) for s in samples])
-    scores = joint_scores(scorer, image_batches(scorer, samples, batch, progress, "calibrate"))
-    thresholds = fit_thresholds(labels, scores, min_recall=min_recall)
     update_model_meta(
         path,
         normalisation=norm.model_dump(mode="json"),
@@ -120,14 +233,18 @@ def calibrate_scorer(
         model_path=str(path),
         normalisation=norm,
         thresholds=thresholds,
-        val_auroc=auroc(labels, scores),
-        n_good=len(good),
-        n_defect=len(samples) - len(good),
+        val_auroc=val_auroc,
+        val_pr_auc=val_pr_auc,
+        term_auroc=term_auroc,
+        n_good=int((labels == 0).sum()),
+        n_defect=int(labels.sum()),
     )
     log.info(
         "calibrated",
         path=str(path),
-        val_auroc=round(report.val_auroc, 4),
+        val_auroc=round(val_auroc, 4),
+        weights=norm.weights.model_dump() if norm.weights else None,
+        term_auroc={t: round(v, 4) for t, v in term_auroc.items()},
         operating_point=round(thresholds.operating_point, 4),
         version=thresholds.version,
     )

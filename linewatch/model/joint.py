@@ -22,22 +22,26 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from linewatch.model.mdaae import MDAAE, MDAAEOutput, feature_distance_map, resize_to
+from linewatch.model.mdaae import (
+    MDAAE,
+    MDAAEOutput,
+    NormalMemory,
+    feature_distance_map,
+    resize_to,
+)
 from linewatch.model.sagan import Discriminator, Generator, ImageEncoder, attention_mask
-from linewatch.model.settings import TERMS, ModelSettings
+from linewatch.model.settings import TERMS, ModelSettings, ScoreWeights
 
 __all__ = [
     "JointForward",
     "JointModel",
     "Normalisation",
     "TermNorm",
-    "build_memory_bank",
     "gaussian_blur",
     "reduce_map",
 ]
@@ -65,6 +69,9 @@ class Normalisation(BaseModel):
     terms: dict[str, TermNorm] = Field(default_factory=dict)
     source: str = Field("none", description="which images the statistics came from")
     n_images: int = Field(0, ge=0)
+    weights: ScoreWeights | None = Field(
+        None, description="term weights chosen on validation data; None = the settings'"
+    )
 
     def get(self, term: str) -> TermNorm:
         """The normalisation of ``term``; identity when not fitted."""
@@ -152,19 +159,32 @@ class JointModel(nn.Module):
         """Load a state dict from a model file; memory buffers take the stored shapes."""
         if self.memory is not None:
             self.memory.take_shapes(tensors, "memory.")
+        if self.mdaae is not None:
+            for i, memory in enumerate(self.mdaae.residual_memories):
+                memory.take_shapes(tensors, f"mdaae.residual_memory.{i}.")
         self.load_state_dict(dict(tensors), strict=True)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor, feats: Sequence[Tensor] | None = None) -> JointForward:
-        """Run the reconstruction side: MDAAE on ``feats`` and/or G on ``x``."""
+    def forward(
+        self, x: Tensor, feats: Sequence[Tensor] | None = None, terms: Iterable[str] | None = None
+    ) -> JointForward:
+        """Run the reconstruction side: MDAAE on ``feats`` and/or G on ``x``.
+
+        ``terms`` limits the work to what those score terms need (the scorer of a model whose
+        calibrated weights switch terms off skips their networks); None runs everything.
+        """
+        wanted = set(TERMS if terms is None else terms)
+        pixels = bool(wanted & {"pix", "disc"})
         out = JointForward(x=x)
         if self.mdaae is not None:
             if feats is None:
                 raise ValueError("this variant needs backbone features")
             out.targets = self.mdaae.standardise(feats)
-            out.ae = self.mdaae(out.targets)
-            out.z = out.ae.z
-        if self.generator is not None:
+            needs_ae = pixels or "feat" in wanted or self.settings.memory_source == "phi"
+            if needs_ae:
+                out.ae = self.mdaae(out.targets)
+                out.z = out.ae.z
+        if self.generator is not None and pixels:
             scale = self.settings.pixel_scale
             out.x_pix = F.avg_pool2d(x, scale) if scale > 1 else x
             if self.image_encoder is not None:
@@ -251,6 +271,11 @@ class JointModel(nn.Module):
     def _feat_map(self, fwd: JointForward) -> Tensor:
         assert fwd.ae is not None and fwd.targets is not None
         s = self.settings
+        if s.feature_distance == "mahalanobis":
+            assert self.mdaae is not None
+            return self.mdaae.residual_distance(
+                fwd.ae.recon, fwd.targets, self.level_weights, self.grid
+            )
         return feature_distance_map(
             fwd.ae.recon,
             fwd.targets,
@@ -276,10 +301,11 @@ class JointModel(nn.Module):
 
     def memory_features(self, fwd: JointForward) -> Tensor:
         """What the memory of normal features holds, on the memory grid (B, C, h, w)."""
-        assert fwd.ae is not None and fwd.targets is not None
+        assert fwd.targets is not None
         s = self.settings
         cells = (s.size // s.memory_stride, s.size // s.memory_stride)
         if s.memory_source == "phi":
+            assert fwd.ae is not None
             return resize_to(fwd.ae.phi, cells)
         return torch.cat([resize_to(t, cells) for t in fwd.targets], 1)
 
@@ -294,117 +320,30 @@ class JointModel(nn.Module):
         up = gaussian_blur(m, self.settings.sigma / scale)
         return resize_to(up, (self.settings.size, self.settings.size))
 
-    def joint_map(self, maps: Mapping[str, Tensor]) -> Tensor:
+    @property
+    def weights(self) -> ScoreWeights:
+        """The term weights in force: chosen at calibration, else the settings'."""
+        return self.norm.weights or self.settings.weights
+
+    def joint_map(self, maps: Mapping[str, Tensor], weights: ScoreWeights | None = None) -> Tensor:
         """``smooth(sum_t w_t norm_t(A_t))`` (B, 1, size, size) over the weighted terms.
 
         Smoothing is linear, so smoothing the weighted sum equals summing the smoothed terms
-        that :meth:`Normalisation` statistics are fitted on.
+        that :meth:`Normalisation` statistics are fitted on. ``weights`` defaults to
+        :attr:`weights`.
         """
+        w = weights or self.weights
         total: Tensor | None = None
         offset = 0.0
-        for term in self.settings.weights.active():
+        for term in w.active():
             n = self.norm.get(term)
-            weight = getattr(self.settings.weights, term)
+            weight = getattr(w, term)
             part = maps[term] * (weight / n.scale)
             offset += weight * n.offset / n.scale
             total = part if total is None else total + part
         if total is None:
             raise ValueError("no score term has a positive weight")
         return self.smooth(total) - offset
-
-
-class NormalMemory(nn.Module):
-    """What normal fused features look like, kept as buffers in the model file.
-
-    ``gaussian``: per position of the fused grid, the mean and (ridge-regularised) inverse
-    covariance of ``Phi`` over the training images; the distance is Mahalanobis. Exposure
-    changes move all channels of a position together; the covariance learns that direction
-    and discounts it, which a per-channel or Euclidean distance cannot (measured in README).
-    ``knn``: a coreset of ``Phi`` vectors; the distance is to the nearest one.
-    """
-
-    bank: Tensor
-    mean: Tensor
-    precision: Tensor
-
-    def __init__(self, kind: str, channels: int) -> None:
-        super().__init__()
-        self.kind = kind
-        self.register_buffer("bank", torch.zeros(0, channels))
-        self.register_buffer("mean", torch.zeros(0, channels))
-        self.register_buffer("precision", torch.zeros(0, channels, channels))
-
-    @property
-    def ready(self) -> bool:
-        """True once fitted (or loaded)."""
-        if self.kind == "knn":
-            return self.bank.shape[0] > 0
-        return self.kind == "gaussian" and self.mean.shape[0] > 0
-
-    def take_shapes(self, tensors: Mapping[str, Tensor], prefix: str) -> None:
-        """Resize the buffers to the shapes stored in ``tensors`` before loading them."""
-        for name in ("bank", "mean", "precision"):
-            key = prefix + name
-            if key in tensors:
-                current = getattr(self, name)
-                setattr(self, name, torch.zeros_like(tensors[key], device=current.device))
-
-    def fit_gaussian(self, batches: Iterable[Tensor], eps: float) -> None:
-        """Mean and inverse covariance per position from batches of ``Phi`` (B, C, h, w)."""
-        total: Tensor | None = None
-        outer: Tensor | None = None
-        n = 0
-        for phi in batches:
-            v = phi.double().flatten(2).permute(2, 0, 1)  # (P, B, C)
-            s1 = v.sum(1)
-            s2 = v.transpose(1, 2) @ v
-            total = s1 if total is None else total + s1
-            outer = s2 if outer is None else outer + s2
-            n += phi.shape[0]
-        if total is None or outer is None or n < 2:
-            raise ValueError("a Gaussian memory needs at least 2 training images")
-        mean = total / n
-        cov = (outer - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
-        cov = cov + eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-        precision = torch.cholesky_inverse(torch.linalg.cholesky(cov))
-        device = self.mean.device
-        self.mean = mean.float().to(device)
-        self.precision = precision.float().to(device)
-
-    def fit_knn(self, features: Tensor, size: int, sampler: str, seed: int) -> None:
-        """The coreset from all training vectors ``features`` (N, C)."""
-        self.bank = build_memory_bank(features, size, sampler, seed).to(self.bank.device)
-
-    def distance(self, phi: Tensor) -> Tensor:
-        """Distance map (B, 1, h, w) of ``Phi`` to the normal memory."""
-        b, _, h, w = phi.shape
-        if self.kind == "knn":
-            vectors = phi.flatten(2).transpose(1, 2)  # (B, P, C)
-            bank_sq = self.bank.pow(2).sum(1)
-            rows = [nearest_distance(v, self.bank, bank_sq) for v in vectors]
-            return torch.stack(rows).view(b, 1, h, w)
-        if self.mean.shape[0] != h * w:
-            raise ValueError(
-                f"Gaussian memory was fitted on a {self.mean.shape[0]}-position grid, got {h}x{w}"
-            )
-        e = phi.flatten(2).permute(2, 0, 1) - self.mean[:, None]  # (P, B, C)
-        # One matrix product per position over the batch: each image's row is computed by
-        # itself (no reduction runs across images), so batch neighbours cannot change it.
-        d2 = ((e @ self.precision) * e).sum(-1)  # (P, B)
-        return d2.clamp_min(0.0).sqrt().T.reshape(b, 1, h, w)
-
-
-def nearest_distance(queries: Tensor, bank: Tensor, bank_sq: Tensor, chunk: int = 4096) -> Tensor:
-    """Euclidean distance of each query row (N, C) to its nearest bank row (K, C)."""
-    q_sq = queries.pow(2).sum(1, keepdim=True)
-    best: Tensor | None = None
-    for start in range(0, bank.shape[0], chunk):
-        part = bank[start : start + chunk]
-        d2 = q_sq - 2.0 * queries @ part.T + bank_sq[start : start + chunk][None]
-        m = d2.min(1).values
-        best = m if best is None else torch.minimum(best, m)
-    assert best is not None
-    return best.clamp_min(0.0).sqrt()
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -429,34 +368,3 @@ def reduce_map(amap: Tensor, reduce: str, topk_fraction: float) -> Tensor:
         return flat.max(1).values
     k = max(1, round(flat.shape[1] * topk_fraction))
     return flat.topk(k, dim=1).values.mean(1)
-
-
-def build_memory_bank(
-    features: Tensor, size: int, sampler: str, seed: int, pool: int = 65536, proj_dim: int = 32
-) -> Tensor:
-    """A coreset of ``size`` rows of ``features`` (N, C): greedy k-center or random.
-
-    Greedy k-center (as PatchCore) picks the point farthest from the bank so far, so rare
-    normal patterns get a representative; distances are computed in a random projection to
-    ``proj_dim`` dimensions over a random pool of at most ``pool`` rows to bound the cost.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    n = features.shape[0]
-    if n <= size:
-        return features.clone()
-    if sampler == "random":
-        return features[torch.randperm(n, generator=gen)[:size]].clone()
-    idx = torch.randperm(n, generator=gen)[: min(pool, n)]
-    cand = features[idx]
-    if cand.shape[1] > proj_dim:
-        proj = torch.randn(cand.shape[1], proj_dim, generator=gen) / math.sqrt(proj_dim)
-        reduced = cand @ proj.to(cand.dtype)
-    else:
-        reduced = cand
-    chosen = np.empty(size, dtype=np.int64)
-    chosen[0] = int(torch.randint(cand.shape[0], (1,), generator=gen))
-    dist = (reduced - reduced[chosen[0]]).pow(2).sum(1)
-    for i in range(1, size):
-        chosen[i] = int(dist.argmax())
-        dist = torch.minimum(dist, (reduced - reduced[chosen[i]]).pow(2).sum(1))
-    return cand[torch.from_numpy(chosen)].clone()

@@ -14,14 +14,26 @@ surfaces; a frozen target cannot collapse, and standardising keeps every level o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MDAAE", "LevelFusion", "MDAAEOutput", "feature_distance_map", "resize_to"]
+__all__ = [
+    "MDAAE",
+    "GaussianAccumulator",
+    "LevelFusion",
+    "MDAAEOutput",
+    "NormalMemory",
+    "build_memory_bank",
+    "feature_distance_map",
+    "nearest_distance",
+    "resize_to",
+]
 
 
 def xavier_init(module: nn.Module) -> None:
@@ -133,6 +145,9 @@ class MDAAE(nn.Module):
         # 3x3 head at stride 4 would cost more than the rest of the heads together.
         self.heads = nn.ModuleList(nn.Conv2d(fused_channels, c, 1) for c in level_channels)
         xavier_init(self.heads)
+        # Per-level, per-position Gaussian of the reconstruction residual (feature_distance
+        # "mahalanobis"); empty until fitted after training.
+        self.residual_memory = nn.ModuleList(NormalMemory("gaussian", c) for c in level_channels)
         total = sum(level_channels)
         self.register_buffer("feature_mean", torch.zeros(total))
         self.register_buffer("feature_std", torch.ones(total))
@@ -173,6 +188,44 @@ class MDAAE(nn.Module):
         ]
         return MDAAEOutput(phi=phi, z=z, recon=recon, alpha=alpha)
 
+    @property
+    def residual_memories(self) -> list[NormalMemory]:
+        """The residual Gaussians, one per level (typed view of the module list)."""
+        return [m for m in self.residual_memory if isinstance(m, NormalMemory)]
+
+    def fit_residuals(self, batches: Iterable[Sequence[Tensor]], eps: float) -> None:
+        """Fit the residual Gaussians from batches of standardised targets (normal images)."""
+        accs = [GaussianAccumulator() for _ in self.level_channels]
+        for targets in batches:
+            out = self(targets)
+            for acc, r, t in zip(accs, out.recon, targets, strict=True):
+                acc.add(r - t)
+        for memory, acc in zip(self.residual_memories, accs, strict=True):
+            memory.set_gaussian(*acc.finish(eps))
+
+    def residual_distance(
+        self,
+        recon: Sequence[Tensor],
+        targets: Sequence[Tensor],
+        weights: Sequence[float],
+        size: tuple[int, int],
+    ) -> Tensor:
+        """``sum_l omega_l * Mahalanobis(psi_l(Phi^) - F_l)`` per position, at ``size``.
+
+        What the autoencoder cannot rebuild, measured against what it typically fails to
+        rebuild at that position: the residual of a normal surface is not white noise (exposure
+        shifts all channels together, tile borders reconstruct worse), and the per-position
+        covariance discounts exactly those normal failures.
+        """
+        total: Tensor | None = None
+        for memory, r, t, w in zip(self.residual_memories, recon, targets, weights, strict=True):
+            if not memory.ready:
+                raise ValueError("residual Gaussians are not fitted (fit_residuals)")
+            d = resize_to(memory.distance(r - t), size) * w
+            total = d if total is None else total + d
+        assert total is not None
+        return total
+
     def loss(
         self,
         out: MDAAEOutput,
@@ -201,6 +254,150 @@ class MDAAE(nn.Module):
         sparse = out.z.abs().mean()
         parts["z1"] = float(sparse.detach())
         return total + sparsity * sparse, parts
+
+
+class GaussianAccumulator:
+    """Streaming per-position mean and covariance of feature maps (float64 sums)."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.outer: Tensor | None = None
+        self.n = 0
+
+    def add(self, maps: Tensor) -> None:
+        """Add a batch (B, C, h, w)."""
+        v = maps.double().flatten(2).permute(2, 0, 1)  # (P, B, C)
+        s1 = v.sum(1)
+        s2 = v.transpose(1, 2) @ v
+        self.total = s1 if self.total is None else self.total + s1
+        self.outer = s2 if self.outer is None else self.outer + s2
+        self.n += maps.shape[0]
+
+    def finish(self, eps: float) -> tuple[Tensor, Tensor]:
+        """``(mean (P, C), precision (P, C, C))`` with ``eps`` added to each covariance."""
+        n = self.n
+        if self.total is None or self.outer is None or n < 2:
+            raise ValueError("a Gaussian needs at least 2 training images")
+        mean = self.total / n
+        cov = (self.outer - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
+        cov = cov + eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        return mean, torch.cholesky_inverse(torch.linalg.cholesky(cov))
+
+
+class NormalMemory(nn.Module):
+    """What normal fused features look like, kept as buffers in the model file.
+
+    ``gaussian``: per position of the fused grid, the mean and (ridge-regularised) inverse
+    covariance of ``Phi`` over the training images; the distance is Mahalanobis. Exposure
+    changes move all channels of a position together; the covariance learns that direction
+    and discounts it, which a per-channel or Euclidean distance cannot (measured in README).
+    ``knn``: a coreset of ``Phi`` vectors; the distance is to the nearest one.
+    """
+
+    bank: Tensor
+    mean: Tensor
+    precision: Tensor
+
+    def __init__(self, kind: str, channels: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("bank", torch.zeros(0, channels))
+        self.register_buffer("mean", torch.zeros(0, channels))
+        self.register_buffer("precision", torch.zeros(0, channels, channels))
+
+    @property
+    def ready(self) -> bool:
+        """True once fitted (or loaded)."""
+        if self.kind == "knn":
+            return self.bank.shape[0] > 0
+        return self.kind == "gaussian" and self.mean.shape[0] > 0
+
+    def take_shapes(self, tensors: Mapping[str, Tensor], prefix: str) -> None:
+        """Resize the buffers to the shapes stored in ``tensors`` before loading them."""
+        for name in ("bank", "mean", "precision"):
+            key = prefix + name
+            if key in tensors:
+                current = getattr(self, name)
+                setattr(self, name, torch.zeros_like(tensors[key], device=current.device))
+
+    def fit_gaussian(self, batches: Iterable[Tensor], eps: float) -> None:
+        """Mean and inverse covariance per position from batches of ``Phi`` (B, C, h, w)."""
+        acc = GaussianAccumulator()
+        for batch in batches:
+            acc.add(batch)
+        self.set_gaussian(*acc.finish(eps))
+
+    def set_gaussian(self, mean: Tensor, precision: Tensor) -> None:
+        """Take a fitted mean (P, C) and precision (P, C, C)."""
+        device = self.mean.device
+        self.mean = mean.float().to(device)
+        self.precision = precision.float().to(device)
+
+    def fit_knn(self, features: Tensor, size: int, sampler: str, seed: int) -> None:
+        """The coreset from all training vectors ``features`` (N, C)."""
+        self.bank = build_memory_bank(features, size, sampler, seed).to(self.bank.device)
+
+    def distance(self, phi: Tensor) -> Tensor:
+        """Distance map (B, 1, h, w) of ``Phi`` to the normal memory."""
+        b, _, h, w = phi.shape
+        if self.kind == "knn":
+            vectors = phi.flatten(2).transpose(1, 2)  # (B, P, C)
+            bank_sq = self.bank.pow(2).sum(1)
+            rows = [nearest_distance(v, self.bank, bank_sq) for v in vectors]
+            return torch.stack(rows).view(b, 1, h, w)
+        if self.mean.shape[0] != h * w:
+            raise ValueError(
+                f"Gaussian memory was fitted on a {self.mean.shape[0]}-position grid, got {h}x{w}"
+            )
+        e = phi.flatten(2).permute(2, 0, 1) - self.mean[:, None]  # (P, B, C)
+        # One matrix product per position over the batch: each image's row is computed by
+        # itself (no reduction runs across images), so batch neighbours cannot change it.
+        d2 = ((e @ self.precision) * e).sum(-1)  # (P, B)
+        return d2.clamp_min(0.0).sqrt().T.reshape(b, 1, h, w)
+
+
+def nearest_distance(queries: Tensor, bank: Tensor, bank_sq: Tensor, chunk: int = 4096) -> Tensor:
+    """Euclidean distance of each query row (N, C) to its nearest bank row (K, C)."""
+    q_sq = queries.pow(2).sum(1, keepdim=True)
+    best: Tensor | None = None
+    for start in range(0, bank.shape[0], chunk):
+        part = bank[start : start + chunk]
+        d2 = q_sq - 2.0 * queries @ part.T + bank_sq[start : start + chunk][None]
+        m = d2.min(1).values
+        best = m if best is None else torch.minimum(best, m)
+    assert best is not None
+    return best.clamp_min(0.0).sqrt()
+
+
+def build_memory_bank(
+    features: Tensor, size: int, sampler: str, seed: int, pool: int = 65536, proj_dim: int = 32
+) -> Tensor:
+    """A coreset of ``size`` rows of ``features`` (N, C): greedy k-center or random.
+
+    Greedy k-center (as PatchCore) picks the point farthest from the bank so far, so rare
+    normal patterns get a representative; distances are computed in a random projection to
+    ``proj_dim`` dimensions over a random pool of at most ``pool`` rows to bound the cost.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = features.shape[0]
+    if n <= size:
+        return features.clone()
+    if sampler == "random":
+        return features[torch.randperm(n, generator=gen)[:size]].clone()
+    idx = torch.randperm(n, generator=gen)[: min(pool, n)]
+    cand = features[idx]
+    if cand.shape[1] > proj_dim:
+        proj = torch.randn(cand.shape[1], proj_dim, generator=gen) / math.sqrt(proj_dim)
+        reduced = cand @ proj.to(cand.dtype)
+    else:
+        reduced = cand
+    chosen = np.empty(size, dtype=np.int64)
+    chosen[0] = int(torch.randint(cand.shape[0], (1,), generator=gen))
+    dist = (reduced - reduced[chosen[0]]).pow(2).sum(1)
+    for i in range(1, size):
+        chosen[i] = int(dist.argmax())
+        dist = torch.minimum(dist, (reduced - reduced[chosen[i]]).pow(2).sum(1))
+    return cand[torch.from_numpy(chosen)].clone()
 
 
 def _ssim_map(x: Tensor, y: Tensor, window: int) -> Tensor:

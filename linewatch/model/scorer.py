@@ -207,9 +207,17 @@ class Scorer(_ScorerBase):
     ) -> None:
         super().__init__(model.settings, backbone, device, meta, path)
         self.model = model.to(device).eval()
-        self.terms = model.settings.weights.active()
-        if "mem" in self.terms and (model.memory is None or not model.memory.ready):
-            raise ModelFileError(f"{path or 'model'}: memory term on but the memory is empty")
+        self.terms: tuple[str, ...] = ()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read which terms are weighted (after the model's normalisation changed)."""
+        model = self.model
+        self.terms = model.weights.active()
+        missing = [t for t in self.terms if t not in model.available_terms()]
+        if missing:
+            where = self.path or "model"
+            raise ModelFileError(f"{where}: score term(s) {missing} weighted but not available")
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> Scorer:
@@ -228,7 +236,10 @@ class Scorer(_ScorerBase):
             first = str(exc).strip().splitlines()[0]
             raise ModelFileError(f"{path}: weights do not fit its settings ({first})") from None
         if meta.normalisation is not None:
-            model.norm = Normalisation.model_validate(meta.normalisation)
+            try:
+                model.norm = Normalisation.model_validate(meta.normalisation)
+            except ValueError as exc:
+                raise ModelFileError(f"{path}: invalid normalisation ({exc})") from None
         scorer = cls(model, backbone, dev, meta, path)
         log.info(
             "model_loaded",
@@ -243,24 +254,13 @@ class Scorer(_ScorerBase):
     def score_prepared(self, prep: Prepared) -> tuple[Tensor, Tensor]:
         """Joint maps (B, 1, S, S) and scores (B,) for a prepared batch."""
         with torch.inference_mode():
-            fwd = self.model(prep.x, prep.feats)
+            fwd = self.model(prep.x, prep.feats, self.terms)
             raw = self.model.term_maps(fwd, self.terms)
             maps = self.model.joint_map(raw)
             scores = crop_reduce(
                 maps, prep.boxes, self.settings.reduce, self.settings.topk_fraction
             )
         return maps, scores
-
-    def term_scores(self, prep: Prepared, terms: Sequence[str]) -> dict[str, Tensor]:
-        """Per-term image scores of the raw smoothed maps (what normalisation is fitted on)."""
-        s = self.settings
-        with torch.inference_mode():
-            fwd = self.model(prep.x, prep.feats)
-            raw = self.model.term_maps(fwd, terms)
-            return {
-                t: crop_reduce(self.model.smooth(m), prep.boxes, s.reduce, s.topk_fraction)
-                for t, m in raw.items()
-            }
 
     def score_batch(
         self, frames: Sequence[np.ndarray], timings: dict[str, float] | None = None

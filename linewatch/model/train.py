@@ -612,7 +612,25 @@ def _new_model(
 def finish_model(model: JointModel, train_cache: FeatureCache, seed: int, batch: int = 32) -> None:
     """Fit the memory of normal fused features, then the per-position term statistics."""
     _fit_memory(model, train_cache, seed, batch)
+    _fit_residuals(model, train_cache, batch)
     fit_position_norm(model, train_cache, batch)
+
+
+def _fit_residuals(model: JointModel, cache: FeatureCache, batch: int) -> None:
+    """The per-position residual Gaussians of the Mahalanobis feature distance."""
+    mdaae = model.mdaae
+    if mdaae is None or model.settings.feature_distance != "mahalanobis":
+        return
+    device = mdaae.feature_mean.device
+
+    def targets() -> Iterator[list[Tensor]]:
+        for prep in cache.batches(batch, device):
+            assert prep.feats is not None
+            yield mdaae.standardise(prep.feats)
+
+    with torch.inference_mode():
+        mdaae.fit_residuals(targets(), model.settings.gauss_eps)
+    log.info("residuals_fitted", levels=len(mdaae.level_channels))
 
 
 def _fit_memory(model: JointModel, train_cache: FeatureCache, seed: int, batch: int) -> None:
