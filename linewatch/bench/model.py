@@ -100,6 +100,10 @@ class ModelRow(_Frozen):
     peak_memory_mb: float = Field(
         description="CPU: peak RSS of the process during the row; CUDA: max allocated"
     )
+    memory_before_mb: float | None = Field(
+        description="the same measure when the row started (loaded models, memory the "
+        "allocator kept from earlier work); the row's own need is the difference"
+    )
 
 
 class ModelBench(_Frozen):
@@ -189,13 +193,27 @@ class PeakMemory:
         """The peak since :meth:`reset`, MiB."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-        except OSError:
-            pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        peak = _proc_status_mb("VmHWM")
+        if peak is None:  # not Linux: the peak since the process started
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        return peak
+
+    def current_mb(self) -> float | None:
+        """Memory in use now, MiB (resident set on CPU, allocated on CUDA)."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return _proc_status_mb("VmRSS")
+
+
+def _proc_status_mb(field: str) -> float | None:
+    """A ``kB`` field of ``/proc/self/status`` in MiB; None where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def _sync(device: torch.device) -> float:
@@ -260,6 +278,7 @@ def _row(
             return backbone(x)
 
     memory.reset()
+    before = memory.current_mb()
     for _ in range(plan.warmup):
         call()
         forward()
@@ -280,6 +299,7 @@ def _row(
         scorer_over_backbone=round(ratio, 3),
         stages_ms={k: round(1000.0 * v / plan.repeats, 3) for k, v in stages.items()},
         peak_memory_mb=round(memory.read_mb(), 1),
+        memory_before_mb=None if before is None else round(before, 1),
     )
 
 

@@ -116,7 +116,7 @@ def _model_lines(bench: ModelBench) -> list[str]:
     head = (f"Model: {bench.device}, {bench.torch_threads} torch threads, median of "
             f"{bench.repeats} after {bench.warmup} warm-up; {which}; memory = {memory}")
     header = ["frame", "model", "tiles", "batch", "ms/batch", "ms/image", "images/s",
-              "backbone ms", "scorer/backbone", "mem MB"]
+              "backbone ms", "scorer/backbone", "mem MB (before)"]
     rows = [_model_row(r) for r in bench.rows]
     return [head, *_table(header, rows)]
 
@@ -125,7 +125,7 @@ def _model_row(r: ModelRow) -> list[str]:
     return [f"{r.frame_size}x{r.frame_size}", str(r.model_size), str(r.tiles_per_frame),
             str(r.batch), _num(r.ms_per_batch), _num(r.ms_per_image), _num(r.images_per_s),
             _num(r.backbone_ms_per_batch), _num(r.scorer_over_backbone, 2),
-            _num(r.peak_memory_mb, 0)]
+            f"{_num(r.peak_memory_mb, 0)} ({_num(r.memory_before_mb, 0)})"]
 
 
 def _pipeline_lines(bench: PipelineBench) -> list[str]:
