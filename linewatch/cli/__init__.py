@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "linewatch.cli.transport_cmd",
     "linewatch.cli.model_cmd",
     "linewatch.cli.bench_cmd",
+    "linewatch.cli.faults_cmd",
 )
 
 
