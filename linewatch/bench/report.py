@@ -105,6 +105,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), *(line(r) for r in rows)]
 
 
+def _threads(n: int) -> str:
+    return f"{n} torch thread" + ("" if n == 1 else "s")
+
+
 def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -113,7 +117,7 @@ def _model_lines(bench: ModelBench) -> list[str]:
     which = "a model trained per input size" if bench.per_size_models else \
         "one model; frames resized to its input size"
     memory = "peak RSS" if bench.memory == "rss_peak" else "max CUDA allocated"
-    head = (f"Model: {bench.device}, {bench.torch_threads} torch threads, median of "
+    head = (f"Model: {bench.device}, {_threads(bench.torch_threads)}, median of "
             f"{bench.repeats} after {bench.warmup} warm-up; {which}; memory = {memory}")
     header = ["frame", "model", "tiles", "batch", "ms/batch", "ms/image", "images/s",
               "backbone ms", "scorer/backbone", "mem MB (before)"]
@@ -131,7 +135,7 @@ def _model_row(r: ModelRow) -> list[str]:
 def _pipeline_lines(bench: PipelineBench) -> list[str]:
     p = bench.plan
     head = (f"Pipeline: {p.frame_size}x{p.frame_size} synth frames at {p.fps:g} fps per camera, "
-            f"{p.workers} workers x {bench.worker_threads} threads, max_batch {p.max_batch}, "
+            f"{p.workers} workers x {_threads(bench.worker_threads)}, max_batch {p.max_batch}, "
             f"max_wait {p.max_wait_ms:g} ms; {p.seconds:g} s measured after {p.warmup_s:g} s "
             f"warm-up; latency = acquisition to verdict in Redis")
     header = ["cams", "scorer", "offered/s", "verdicts/s", "p50 ms", "p99 ms", "max ms",
@@ -159,7 +163,7 @@ def format_report(report: BenchReport) -> str:
         f"$ {report.command}",
         f"{m.date}  {m.host}  {m.cpu}, {m.cores} cores, load {m.load_average[0]:.2f} "
         f"{m.load_average[1]:.2f} {m.load_average[2]:.2f}",
-        f"linewatch {m.linewatch}, torch {m.torch} ({m.torch_threads} threads), "
+        f"linewatch {m.linewatch}, torch {m.torch}, {_threads(m.torch_threads)}, "
         f"python {m.python}, device {m.device}" + (f" ({m.gpu})" if m.gpu else ""),
     ]
     if report.model is not None:
