@@ -22,7 +22,8 @@ from typing import Any, Self, cast
 
 import redis
 
-from linewatch.runtime.line import LineRunner
+from linewatch.config import load_config
+from linewatch.runtime.line import LineRunner, preflight
 from linewatch.streams.records import AlarmRecord, RejectRecord, VerdictRecord
 from linewatch.streams.server import EmbeddedRedis
 from linewatch.testing import read_records, running_line, wait_until
@@ -129,6 +130,9 @@ class FaultLine:
     # ------------------------------------------------------------------ lifecycle
 
     def __enter__(self) -> Self:
+        # Here, not only in the line's thread: a refused configuration fails the scenario
+        # at once, instead of after the waits for processes that never start.
+        preflight(load_config(self.config_path))
         with ExitStack() as stack:
             stack.enter_context(self.redis)
             self._client = redis.Redis.from_url(self.redis.url, socket_timeout=5.0)

@@ -72,12 +72,12 @@ def worker_killed(setup: Setup) -> FaultResult:
     re-dispatched (or fail safe), the supervisor must restart it, and the new run
     must score frames again.
     """
-    frames = 120
+    frames = 160  # the stream outlasts a slow restart, so the new run gets frames
     spec = _spec(setup, "worker", frames=frames, deadline_ms=8000.0,
                  source={**_SYNTH, "fps": 10.0},
                  workers={"inject_delay_ms": 500.0, "inject_delay_worker": 0})
     with FaultLine(spec, setup.folder("worker_killed")) as fl:
-        fl.wait_verdicts(10, STREAM_TIMEOUT_S)
+        fl.wait_verdicts(5, STREAM_TIMEOUT_S)
         old = fl.wait_serving("infer-0")
         asleep = fl.wait_sleeping("infer-0", timeout_s=10.0)  # in its delay, holding a batch
         killed_at = fl.kill("infer-0")
