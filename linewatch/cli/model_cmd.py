@@ -50,7 +50,7 @@ def _add_model_options(p: argparse.ArgumentParser, with_variant: bool = True) ->
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 10)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 6)")
     p.add_argument("--batch", type=int, default=None, help="training batch (default: 16)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -94,6 +94,45 @@ def preprocess_config(settings: ModelSettings) -> PreprocessConfig:
     )
 
 
+def remove_impulses(frame: np.ndarray) -> np.ndarray:
+    """``frame`` with isolated extreme pixels replaced by their 3x3 median.
+
+    A pixel is replaced only when it sits at the frame's minimum or maximum value *and*
+    differs from its neighbourhood median by more than a tenth of the frame's range: salt and
+    pepper noise, dead and hot pixels. Saturated or black *areas* keep their value (their
+    median is the same), so a clean frame passes almost unchanged.
+
+    >>> f = np.full((5, 5), 100, np.uint8); f[2, 2] = 255
+    >>> int(remove_impulses(f)[2, 2])
+    100
+    """
+    if frame.dtype not in (np.uint8, np.uint16):
+        return frame  # float frames come from augmentation of clean training images
+    lo, hi = frame.min(), frame.max()
+    if hi - lo < 2:
+        return frame
+    # medianBlur takes 8-bit for 3x3 at any depth of uint8, and uint16 too for 3x3 and 5x5.
+    median = cv2.medianBlur(np.ascontiguousarray(frame), 3)
+    extreme = (frame == lo) | (frame == hi)
+    far = np.abs(frame.astype(np.int32) - median.astype(np.int32)) > int(hi - lo) // 10
+    hit = extreme & far
+    if not hit.any():
+        return frame
+    out = frame.copy()
+    out[hit] = median[hit]
+    return out
+
+
+def model_input(
+    frames: Sequence[np.ndarray], settings: ModelSettings, device: torch.device | str
+) -> Tensor:
+    """Frames -> normalised model input: the one path training, calibration, evaluation and
+    the worker all take (impulse filter if enabled, then :func:`preprocess_batch`)."""
+    if settings.impulse_filter:
+        frames = [remove_impulses(f) for f in frames]
+    return preprocess_batch(frames, preprocess_config(settings), device)
+
+
 def build_backbone(settings: ModelSettings, device: torch.device) -> FeatureExtractor | None:
     """The frozen feature extractor a variant needs (None for the pixel-only variants)."""
     if not settings.uses_backbone:
@@ -173,7 +212,7 @@ class _ScorerBase:
         ``timings`` (if given) accumulates seconds under ``preprocess`` and ``backbone``.
         """
         t0 = time.perf_counter()
-        x = preprocess_batch(frames, self.preprocess, self.device)
+        x = model_input(frames, self.settings, self.device)
         shapes = [(int(f.shape[0]), int(f.shape[1])) for f in frames]
         boxes = [content_box(s, self.preprocess) for s in shapes]
         t1 = _sync(self.device)

@@ -41,7 +41,7 @@ from linewatch.model.modelfile import (
     load_model_file,
     save_model_file,
 )
-from linewatch.model.preprocess import AugmentConfig, augment, content_box, preprocess_batch
+from linewatch.model.preprocess import AugmentConfig, augment, content_box
 from linewatch.model.sagan import (
     attention_mask,
     disc_loss,
@@ -49,7 +49,13 @@ from linewatch.model.sagan import (
     generator_adv_loss,
     r1_penalty,
 )
-from linewatch.model.scorer import Prepared, Scorer, build_backbone, preprocess_config
+from linewatch.model.scorer import (
+    Prepared,
+    Scorer,
+    build_backbone,
+    model_input,
+    preprocess_config,
+)
 from linewatch.model.scorer import resolve_device as _resolve_device
 from linewatch.model.settings import ModelSettings, TrainSettings
 
@@ -85,9 +91,31 @@ class FeatureCache:
     shapes: list[tuple[int, int]]
     size: tuple[int, int]
     labels: list[int] = field(default_factory=list)
+    originals: int = -1
+
+    def __post_init__(self) -> None:
+        if self.originals < 0:
+            self.originals = len(self.boxes)
 
     def __len__(self) -> int:
         return len(self.boxes)
+
+    def unaugmented(self) -> FeatureCache:
+        """The first ``originals`` rows: the images as the camera gave them, no augmented views.
+
+        Statistics of normal appearance *per position* (memory, residual Gaussians, position
+        normalisation) are fitted on these: a rotated or shifted view puts a tile border
+        where no test image has one and blurs exactly what those statistics are for.
+        """
+        n = self.originals
+        return FeatureCache(
+            x=self.x[:n] if self.x is not None else None,
+            feats=[f[:n] for f in self.feats] if self.feats is not None else None,
+            boxes=self.boxes[:n],
+            shapes=self.shapes[:n],
+            size=self.size,
+            labels=self.labels[:n],
+        )
 
     def batch(self, index: Sequence[int] | Tensor | np.ndarray, device: torch.device) -> Prepared:
         """Rows ``index`` as a float32 :class:`Prepared` batch on ``device``."""
@@ -138,7 +166,7 @@ def build_cache(
     feats: list[list[Tensor]] = []
     for start in range(0, len(views), _EXTRACT_BATCH):
         chunk = views[start : start + _EXTRACT_BATCH]
-        x = preprocess_batch(chunk, cfg, device)
+        x = model_input(chunk, settings, device)
         if keep_pixels:
             xs.append(x.to("cpu", torch.float16))
         if backbone is not None:
@@ -153,6 +181,7 @@ def build_cache(
         shapes=shapes,
         size=cfg.hw,
         labels=view_labels,
+        originals=len(images),
     )
 
 
@@ -610,10 +639,13 @@ def _new_model(
 
 
 def finish_model(model: JointModel, train_cache: FeatureCache, seed: int, batch: int = 32) -> None:
-    """Fit the memory of normal fused features, then the per-position term statistics."""
-    _fit_memory(model, train_cache, seed, batch)
-    _fit_residuals(model, train_cache, batch)
-    fit_position_norm(model, train_cache, batch)
+    """Fit the memory of normal features, the residual Gaussians, then the per-position term
+    statistics, all on the un-augmented training images (see :meth:`FeatureCache.unaugmented`).
+    """
+    originals = train_cache.unaugmented()
+    _fit_memory(model, originals, seed, batch)
+    _fit_residuals(model, originals, batch)
+    fit_position_norm(model, originals, batch)
 
 
 def _fit_residuals(model: JointModel, cache: FeatureCache, batch: int) -> None:
