@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import structlog
 from hypothesis import settings
 
 from linewatch.streams.server import EmbeddedRedis
@@ -20,6 +21,14 @@ from linewatch.testing import tiny_model
 settings.register_profile("linewatch", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True)
 settings.load_profile("ci" if os.environ.get("CI") else "linewatch")
+
+
+@pytest.fixture(autouse=True)
+def _default_logging() -> Iterator[None]:
+    """Undo a test's ``configure()`` (the CLI sets the global log level), so the next
+    test's log capture sees what it expects whatever ran before it."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")
