@@ -161,7 +161,7 @@ def test_gaussian_blur_keeps_constants_and_reduce_picks_max_or_topk() -> None:
 
 
 def test_position_norm_standardises_each_position() -> None:
-    model = _model("B", feature_distance="l2").eval()
+    model = _model("B", feature_distance="l2", position_norm=True).eval()
     batches = [_batch(4, seed) for seed in range(3)]
     with torch.inference_mode():
         model.fit_position_norm(model(b.x, b.feats) for b in batches)

@@ -8,13 +8,19 @@ import numpy as np
 import pytest
 import torch
 
+from linewatch.data.corrupt import apply_corruption, parse_corruption
 from linewatch.data.images import read_image
 from linewatch.data.mvtec import MVTecDataset
 from linewatch.data.synth import write_dataset
 from linewatch.errors import ModelFileError
 from linewatch.metrics import auroc
 from linewatch.model.modelfile import read_model_meta, update_model_meta
-from linewatch.model.scorer import BackboneOnlyScorer, Scorer
+from linewatch.model.scorer import (
+    BackboneOnlyScorer,
+    Scorer,
+    remove_impulses,
+    standardise_intensity,
+)
 from linewatch.model.settings import TrainSettings, variant_settings
 from linewatch.model.train import train
 
@@ -141,3 +147,25 @@ def test_broken_model_file_is_a_one_line_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not a model")
     with pytest.raises(ModelFileError, match=r"bad\.lwm"):
         Scorer.load(bad, device="cpu")
+
+
+def test_impulse_filter_undoes_salt_and_pepper_and_leaves_clean_frames() -> None:
+    rng = np.random.default_rng(0)
+    clean = (rng.normal(90, 12, (120, 160)).clip(5, 200)).astype(np.uint8)
+    noisy = apply_corruption(clean, parse_corruption("snp:0.25"), rng)
+    before = np.abs(noisy.astype(int) - clean).mean()
+    after = np.abs(remove_impulses(noisy).astype(int) - clean).mean()
+    assert after < before / 5
+    assert (remove_impulses(clean) != clean).mean() < 1e-3
+    deep = clean.astype(np.uint16) * 16  # a 12-bit camera: same decisions as at 8 bits
+    scaled = remove_impulses(clean).astype(np.int64) * 16
+    assert np.abs(remove_impulses(deep).astype(np.int64) - scaled).max() <= 16
+
+
+def test_intensity_standardisation_cancels_gain_and_offset() -> None:
+    rng = np.random.default_rng(1)
+    frame = rng.integers(20, 120, (40, 60)).astype(np.uint8)
+    brighter = (frame.astype(np.float32) * 1.3 + 12).astype(np.uint8)
+    np.testing.assert_allclose(
+        standardise_intensity(frame), standardise_intensity(brighter), atol=0.02
+    )

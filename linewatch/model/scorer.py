@@ -95,32 +95,47 @@ def preprocess_config(settings: ModelSettings) -> PreprocessConfig:
 
 
 def remove_impulses(frame: np.ndarray) -> np.ndarray:
-    """``frame`` with isolated extreme pixels replaced by their 3x3 median.
+    """``frame`` with isolated extreme pixels replaced by the mean of their clean neighbours.
 
-    A pixel is replaced only when it sits at the frame's minimum or maximum value *and*
-    differs from its neighbourhood median by more than a tenth of the frame's range: salt and
-    pepper noise, dead and hot pixels. Saturated or black *areas* keep their value (their
-    median is the same), so a clean frame passes almost unchanged.
+    Candidates are pixels at the frame's minimum or maximum value (salt-and-pepper noise, dead
+    and hot pixels); one is replaced when it differs from the mean of the non-candidate pixels
+    of its 3x3 neighbourhood (5x5 where all eight are candidates) by more than a tenth of the
+    frame's range. Neighbours that are themselves impulses are left out of that mean, which
+    is what keeps a 25 % salt-and-pepper frame usable; a saturated or black *area* keeps its
+    value, so a clean frame passes almost unchanged.
 
-    >>> f = np.full((5, 5), 100, np.uint8); f[2, 2] = 255
-    >>> int(remove_impulses(f)[2, 2])
-    100
+    >>> f = np.full((5, 5), 100, np.uint8); f[2, 2] = 255; f[2, 3] = 0
+    >>> remove_impulses(f)[2, 1:4].tolist()
+    [100, 100, 100]
     """
-    if frame.dtype not in (np.uint8, np.uint16):
+    if frame.dtype not in (np.uint8, np.uint16) or (frame.ndim != 2 and frame.shape[2] != 3):
         return frame  # float frames come from augmentation of clean training images
     lo, hi = frame.min(), frame.max()
     if hi - lo < 2:
         return frame
-    # medianBlur takes 8-bit for 3x3 at any depth of uint8, and uint16 too for 3x3 and 5x5.
-    median = cv2.medianBlur(np.ascontiguousarray(frame), 3)
     extreme = (frame == lo) | (frame == hi)
-    far = np.abs(frame.astype(np.int32) - median.astype(np.int32)) > int(hi - lo) // 10
-    hit = extreme & far
+    if extreme.ndim == 3:
+        extreme = extreme.any(axis=2, keepdims=True).repeat(frame.shape[2], axis=2)
+    x = frame.astype(np.float32)
+    clean = (~extreme).astype(np.float32)
+    mean = _masked_mean(x * clean, clean, 3)
+    wider = _masked_mean(x * clean, clean, 5)
+    mean = np.where(np.isnan(mean), wider, mean)
+    mean = np.where(np.isnan(mean), float(x[~extreme].mean()) if (~extreme).any() else x, mean)
+    hit = extreme & (np.abs(x - mean) > float(hi - lo) / 10.0)
     if not hit.any():
         return frame
     out = frame.copy()
-    out[hit] = median[hit]
+    out[hit] = np.rint(mean[hit]).astype(frame.dtype)
     return out
+
+
+def _masked_mean(values: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
+    """Mean of ``values`` over the k x k window, counting only pixels with weight 1 (NaN: none)."""
+    total = cv2.boxFilter(values, -1, (k, k), normalize=False, borderType=cv2.BORDER_REFLECT)
+    count = cv2.boxFilter(weights, -1, (k, k), normalize=False, borderType=cv2.BORDER_REFLECT)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0.5, total / np.maximum(count, 1e-6), np.nan).astype(np.float32)
 
 
 def model_input(
@@ -130,7 +145,36 @@ def model_input(
     the worker all take (impulse filter if enabled, then :func:`preprocess_batch`)."""
     if settings.impulse_filter:
         frames = [remove_impulses(f) for f in frames]
+    if settings.intensity == "standardise":
+        frames = [standardise_intensity(f) for f in frames]
     return preprocess_batch(frames, preprocess_config(settings), device)
+
+
+# Target statistics of :func:`standardise_intensity`, on the [0, 1] scale: mid-grey with room
+# for about three standard deviations either way before clipping.
+_TARGET_MEAN = 0.45
+_TARGET_STD = 0.12
+
+
+def standardise_intensity(frame: np.ndarray) -> np.ndarray:
+    """``frame`` as float32 in [0, 1] with a fixed mean and std (per frame, all channels).
+
+    A global gain and offset of the lighting cancel out; what remains is the surface's
+    relative texture, which is what the model judges.
+
+    >>> f = np.array([[10, 20], [30, 40]], np.uint8)
+    >>> g = standardise_intensity((f * 2 + 7).astype(np.uint8))
+    >>> bool(np.allclose(standardise_intensity(f), g, atol=1e-6))
+    True
+    """
+    if frame.dtype in (np.uint8, np.uint16):
+        x = frame.astype(np.float32) / float(np.iinfo(frame.dtype).max)
+    else:
+        x = frame.astype(np.float32, copy=False)
+    mean = float(x.mean())
+    std = float(x.std())
+    z = (x - mean) / max(std, 1e-4)
+    return np.clip(_TARGET_MEAN + _TARGET_STD * z, 0.0, 1.0).astype(np.float32)
 
 
 def build_backbone(settings: ModelSettings, device: torch.device) -> FeatureExtractor | None:

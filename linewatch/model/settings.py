@@ -62,6 +62,11 @@ class ModelSettings(_Strict):
     size: int = Field(256, ge=32, le=2048, description="square model input side (pixels)")
     keep_aspect: bool = Field(False, description="letterbox instead of stretching")
     illumination: Illumination = "none"
+    intensity: Literal["none", "standardise"] = Field(
+        "none",
+        description="standardise: each frame to a fixed mean and std before pre-processing, "
+        "which removes global gain and offset (exposure, lamp ageing)",
+    )
     impulse_filter: bool = Field(
         True,
         description="replace isolated pixels at the frame's extreme values (salt-and-pepper, "
@@ -107,15 +112,16 @@ class ModelSettings(_Strict):
     gauss_eps: float = Field(0.01, gt=0, description="gaussian: ridge added to each covariance")
     # -- joint score (eq. 15) and post-processing (§4)
     position_norm: bool = Field(
-        True,
-        description="standardise each term per pixel position with training statistics "
-        "(tile borders look unusual in every image and would otherwise set the max)",
+        False,
+        description="standardise each term per pixel position with training statistics; "
+        "needed for Euclidean distances (l2, ssim, knn), redundant for the per-position "
+        "Gaussians (measured slightly worse on magnetic-tile)",
     )
     weights: ScoreWeights = Field(
         ScoreWeights(feat=1.0, pix=1.0, disc=1.0, mem=1.0),
         description="candidate terms and their weights before calibration chooses them",
     )
-    sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the map (input pixels)")
+    sigma: float = Field(8.0, ge=0, description="Gaussian smoothing of the map (input pixels)")
     reduce: Reduce = "max"
     topk_fraction: float = Field(0.01, gt=0, le=1, description="share of pixels in top-k mean")
 
