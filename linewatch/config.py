@@ -186,7 +186,9 @@ class WorkersConfig(_Strict):
 
     count: int = Field(2, ge=1, le=64)
     max_batch: int = Field(8, ge=1, le=256)
-    max_wait_ms: float = Field(10.0, ge=0)
+    max_wait_ms: float = Field(
+        0.0, ge=0, description="extra wait to fill a batch; 0 = batch what queued meanwhile"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch threads per worker (default: auto)")
     scorer: Literal["model", "backbone_only"] = Field(

@@ -80,7 +80,7 @@ class PipelinePlan(_Frozen):
     frame_size: int = Field(256, ge=32, description="side of the square synth frames")
     workers: int = Field(2, ge=1)
     max_batch: int = Field(8, ge=1)
-    max_wait_ms: float = Field(10.0, ge=0)
+    max_wait_ms: float = Field(0.0, ge=0)
     deadline_ms: float = Field(
         5000.0, gt=0, description="verdict deadline; a frame past it is a fail-safe reject"
     )

@@ -112,7 +112,7 @@ results_endpoint = "ipc://{ipc}-results"
 [workers]
 count = 2
 max_batch = 8
-max_wait_ms = 20.0
+max_wait_ms = 0.0
 device = "auto"
 
 [model]
