@@ -9,7 +9,7 @@ from linewatch.errors import ConfigError
 from linewatch.model.joint import JointModel, gaussian_blur, reduce_map
 from linewatch.model.mdaae import NormalMemory, build_memory_bank
 from linewatch.model.sagan import SelfAttention, attention_mask
-from linewatch.model.scorer import Prepared
+from linewatch.model.scorer import Prepared, Region
 from linewatch.model.settings import TERMS, ModelSettings, TrainSettings, variant_settings
 from linewatch.model.train import _Optimisers, _train_step
 
@@ -28,8 +28,8 @@ def _batch(n: int = 2, seed: int = 0) -> Prepared:
         torch.randn(n, c, SIZE // s, SIZE // s, generator=g)
         for c, s in zip(CHANNELS, STRIDES, strict=True)
     ]
-    boxes = [(0, 0, SIZE, SIZE)] * n
-    return Prepared(x=x, feats=feats, boxes=boxes, shapes=[(SIZE, SIZE)] * n)
+    regions = [Region(box=(0, 0, SIZE, SIZE), shape=(SIZE, SIZE))] * n
+    return Prepared(x=x, feats=feats, regions=regions)
 
 
 def _model(variant: str, **overrides: object) -> JointModel:

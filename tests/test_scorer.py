@@ -18,8 +18,12 @@ from linewatch.model.modelfile import read_model_meta, update_model_meta
 from linewatch.model.scorer import (
     BackboneOnlyScorer,
     Scorer,
+    clipped_mask,
+    crop_reduce,
+    frame_regions,
     remove_impulses,
     standardise_intensity,
+    to_frame_maps,
 )
 from linewatch.model.settings import TrainSettings, variant_settings
 from linewatch.model.train import train
@@ -169,3 +173,23 @@ def test_intensity_standardisation_cancels_gain_and_offset() -> None:
     np.testing.assert_allclose(
         standardise_intensity(frame), standardise_intensity(brighter), atol=0.02
     )
+
+
+def test_clipped_plateaus_neither_set_nor_show_the_score() -> None:
+    frame = np.random.default_rng(0).integers(80, 120, (64, 64)).astype(np.uint8)
+    frame[:, :20] = 255  # an over-exposed band
+    frame[40, 50] = 255  # one hot pixel is not a plateau
+    clipped = clipped_mask(frame)
+    assert clipped is not None and clipped[:, :20].all() and not clipped[40, 50]
+    settings = variant_settings("B", size=SIZE, clipped_margin=4)
+    (region,) = frame_regions([frame], settings)
+    assert (
+        region.blind is not None and region.blind[:, :20].all() and not region.blind[:, 30:].any()
+    )
+    maps = torch.zeros(1, 1, SIZE, SIZE)
+    maps[0, 0, :, :10] = 50.0  # the band "looks anomalous"
+    maps[0, 0, 5, 40] = 2.0
+    assert float(crop_reduce(maps, [region], "max", 0.01)) == 2.0
+    (shown,) = to_frame_maps(maps, [region])
+    assert shown.shape == (64, 64) and float(shown.max()) <= 2.0 + 1e-6
+    assert clipped_mask(np.full((8, 8), 7, np.uint8)) is None

@@ -36,7 +36,7 @@ from linewatch.metrics.ranking import auroc, pr_auc
 from linewatch.metrics.thresholds import ThresholdSet, fit_thresholds
 from linewatch.model.joint import Normalisation, TermNorm
 from linewatch.model.modelfile import update_model_meta
-from linewatch.model.scorer import Box, Prepared, Scorer, crop_reduce
+from linewatch.model.scorer import Prepared, Region, Scorer, crop_reduce
 from linewatch.model.settings import ScoreWeights
 
 __all__ = [
@@ -79,19 +79,20 @@ class TermMaps:
     """Every term's (position-normalised, unsmoothed) map of a set of images, on the CPU."""
 
     maps: dict[str, Tensor]
-    boxes: list[Box]
+    regions: list[Region]
 
-    def chunks(self) -> Iterator[tuple[dict[str, Tensor], list[Box]]]:
+    def chunks(self) -> Iterator[tuple[dict[str, Tensor], list[Region]]]:
         """The maps in chunks, to bound the memory of smoothing at input resolution."""
-        n = len(self.boxes)
+        n = len(self.regions)
         for start in range(0, n, _CHUNK):
             stop = min(start + _CHUNK, n)
-            yield {t: m[start:stop] for t, m in self.maps.items()}, self.boxes[start:stop]
+            yield {t: m[start:stop] for t, m in self.maps.items()}, self.regions[start:stop]
 
     def select(self, rows: np.ndarray) -> TermMaps:
         """The images at ``rows``."""
-        idx = torch.from_numpy(np.flatnonzero(rows))
-        return TermMaps({t: m[idx] for t, m in self.maps.items()}, [self.boxes[i] for i in idx])
+        idx = np.flatnonzero(rows)
+        maps = {t: m[torch.from_numpy(idx)] for t, m in self.maps.items()}
+        return TermMaps(maps, [self.regions[i] for i in idx])
 
 
 def collect_term_maps(scorer: Scorer, batches: Iterable[Prepared]) -> TermMaps:
@@ -99,29 +100,29 @@ def collect_term_maps(scorer: Scorer, batches: Iterable[Prepared]) -> TermMaps:
     model = scorer.model
     terms = model.available_terms()
     parts: dict[str, list[Tensor]] = {t: [] for t in terms}
-    boxes: list[Box] = []
+    regions: list[Region] = []
     with torch.inference_mode():
         for prep in batches:
             raw = model.term_maps(model(prep.x, prep.feats, terms), terms)
             for t in terms:
                 parts[t].append(raw[t].float().cpu())
-            boxes += prep.boxes
-    if not boxes:
+            regions += prep.regions
+    if not regions:
         raise DataError("calibration got no images")
-    return TermMaps({t: torch.cat(p) for t, p in parts.items()}, boxes)
+    return TermMaps({t: torch.cat(p) for t, p in parts.items()}, regions)
 
 
 def _term_scores(scorer: Scorer, maps: TermMaps, term: str) -> np.ndarray:
     s = scorer.settings
     out = [
-        crop_reduce(scorer.model.smooth(m[term]), boxes, s.reduce, s.topk_fraction)
-        for m, boxes in maps.chunks()
+        crop_reduce(scorer.model.smooth(m[term]), regions, s.reduce, s.topk_fraction)
+        for m, regions in maps.chunks()
     ]
     return torch.cat(out).numpy()
 
 
 def _normalisation_from(scorer: Scorer, good: TermMaps, source: str) -> Normalisation:
-    n = len(good.boxes)
+    n = len(good.regions)
     if n < 2:
         raise DataError(f"normalisation needs at least 2 good images, got {n}")
     fitted = {}
@@ -143,9 +144,9 @@ def joint_scores(scorer: Scorer, maps: TermMaps, weights: ScoreWeights) -> np.nd
     s = scorer.settings
     out = []
     with torch.inference_mode():
-        for m, boxes in maps.chunks():
+        for m, regions in maps.chunks():
             joint = scorer.model.joint_map(m, weights)
-            out.append(crop_reduce(joint, boxes, s.reduce, s.topk_fraction))
+            out.append(crop_reduce(joint, regions, s.reduce, s.topk_fraction))
     return torch.cat(out).numpy()
 
 

@@ -63,14 +63,28 @@ class ScoreBatch:
     maps: list[np.ndarray]
 
 
+@dataclass(frozen=True)
+class Region:
+    """Where a frame lies in the model input and which of its pixels can be judged.
+
+    ``box`` is ``(top, left, height, width)`` in model-input pixels, ``shape`` the frame's own
+    ``(H, W)``; ``blind`` (bool, box-sized, None = none) marks pixels clipped at the sensor's
+    range plus a margin: a saturated or black plateau has no texture to judge, so it neither
+    raises nor carries the score.
+    """
+
+    box: Box
+    shape: tuple[int, int]
+    blind: np.ndarray | None = None
+
+
 @dataclass
 class Prepared:
     """A batch ready for the heads: model input, backbone features and where each frame lies."""
 
     x: Tensor
     feats: list[Tensor] | None
-    boxes: list[Box]
-    shapes: list[tuple[int, int]]
+    regions: list[Region]
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -98,31 +112,42 @@ def remove_impulses(frame: np.ndarray) -> np.ndarray:
     """``frame`` with isolated extreme pixels replaced by the mean of their clean neighbours.
 
     Candidates are pixels at the frame's minimum or maximum value (salt-and-pepper noise, dead
-    and hot pixels); one is replaced when it differs from the mean of the non-candidate pixels
-    of its 3x3 neighbourhood (5x5 where all eight are candidates) by more than a tenth of the
-    frame's range. Neighbours that are themselves impulses are left out of that mean, which
-    is what keeps a 25 % salt-and-pepper frame usable; a saturated or black *area* keeps its
-    value, so a clean frame passes almost unchanged.
+    and hot pixels). A candidate is an *impulse* when at least half of its 8 neighbours are
+    not candidates; it is replaced by their mean when it differs from it by more than a tenth
+    of the frame's range. Leaving the other impulses out of that mean is what keeps a 25 %
+    salt-and-pepper frame usable; a second pass takes the impulses whose neighbourhood was too
+    noisy the first time. Candidates inside a clipped *area* (an over-exposed plateau) have
+    candidate neighbours and stay as they are, so clipping is left for :func:`clipped_mask`.
 
     >>> f = np.full((5, 5), 100, np.uint8); f[2, 2] = 255; f[2, 3] = 0
     >>> remove_impulses(f)[2, 1:4].tolist()
     [100, 100, 100]
+    >>> g = np.full((6, 6), 100, np.uint8); g[:3] = 255
+    >>> bool((remove_impulses(g)[:3] == 255).all())
+    True
     """
     if frame.dtype not in (np.uint8, np.uint16) or (frame.ndim != 2 and frame.shape[2] != 3):
         return frame  # float frames come from augmentation of clean training images
-    lo, hi = frame.min(), frame.max()
+    out = frame
+    for _ in range(2):
+        out = _impulse_pass(out, frame.min(), frame.max())
+    return out
+
+
+def _impulse_pass(frame: np.ndarray, lo: Any, hi: Any) -> np.ndarray:
     if hi - lo < 2:
         return frame
     extreme = (frame == lo) | (frame == hi)
     if extreme.ndim == 3:
         extreme = extreme.any(axis=2, keepdims=True).repeat(frame.shape[2], axis=2)
+    if not extreme.any():
+        return frame
     x = frame.astype(np.float32)
     clean = (~extreme).astype(np.float32)
-    mean = _masked_mean(x * clean, clean, 3)
-    wider = _masked_mean(x * clean, clean, 5)
-    mean = np.where(np.isnan(mean), wider, mean)
-    mean = np.where(np.isnan(mean), float(x[~extreme].mean()) if (~extreme).any() else x, mean)
-    hit = extreme & (np.abs(x - mean) > float(hi - lo) / 10.0)
+    total = cv2.boxFilter(x * clean, -1, (3, 3), normalize=False, borderType=cv2.BORDER_REFLECT)
+    count = cv2.boxFilter(clean, -1, (3, 3), normalize=False, borderType=cv2.BORDER_REFLECT)
+    mean = total / np.maximum(count, 1.0)
+    hit = extreme & (count >= 4.0) & (np.abs(x - mean) > float(hi - lo) / 10.0)
     if not hit.any():
         return frame
     out = frame.copy()
@@ -130,24 +155,21 @@ def remove_impulses(frame: np.ndarray) -> np.ndarray:
     return out
 
 
-def _masked_mean(values: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
-    """Mean of ``values`` over the k x k window, counting only pixels with weight 1 (NaN: none)."""
-    total = cv2.boxFilter(values, -1, (k, k), normalize=False, borderType=cv2.BORDER_REFLECT)
-    count = cv2.boxFilter(weights, -1, (k, k), normalize=False, borderType=cv2.BORDER_REFLECT)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0.5, total / np.maximum(count, 1e-6), np.nan).astype(np.float32)
-
-
 def model_input(
     frames: Sequence[np.ndarray], settings: ModelSettings, device: torch.device | str
-) -> Tensor:
-    """Frames -> normalised model input: the one path training, calibration, evaluation and
-    the worker all take (impulse filter if enabled, then :func:`preprocess_batch`)."""
+) -> tuple[Tensor, list[Region]]:
+    """Frames -> normalised model input and their regions: the one path that training,
+    calibration, evaluation and the worker all take.
+
+    Impulse filter (if on), then the regions (clipped plateaus found after the impulses are
+    gone), intensity standardisation (if on), then :func:`preprocess_batch`.
+    """
     if settings.impulse_filter:
         frames = [remove_impulses(f) for f in frames]
+    regions = frame_regions(frames, settings)
     if settings.intensity == "standardise":
         frames = [standardise_intensity(f) for f in frames]
-    return preprocess_batch(frames, preprocess_config(settings), device)
+    return preprocess_batch(frames, preprocess_config(settings), device), regions
 
 
 # Target statistics of :func:`standardise_intensity`, on the [0, 1] scale: mid-grey with room
@@ -256,9 +278,7 @@ class _ScorerBase:
         ``timings`` (if given) accumulates seconds under ``preprocess`` and ``backbone``.
         """
         t0 = time.perf_counter()
-        x = model_input(frames, self.settings, self.device)
-        shapes = [(int(f.shape[0]), int(f.shape[1])) for f in frames]
-        boxes = [content_box(s, self.preprocess) for s in shapes]
+        x, regions = model_input(frames, self.settings, self.device)
         t1 = _sync(self.device)
         feats = None
         if self.backbone is not None:
@@ -268,7 +288,7 @@ class _ScorerBase:
         if timings is not None:
             timings["preprocess"] = timings.get("preprocess", 0.0) + t1 - t0
             timings["backbone"] = timings.get("backbone", 0.0) + t2 - t1
-        return Prepared(x=x, feats=feats, boxes=boxes, shapes=shapes)
+        return Prepared(x=x, feats=feats, regions=regions)
 
     def close(self) -> None:
         """Release the networks (the worker calls this before loading a new model file)."""
@@ -341,7 +361,7 @@ class Scorer(_ScorerBase):
             raw = self.model.term_maps(fwd, self.terms)
             maps = self.model.joint_map(raw)
             scores = crop_reduce(
-                maps, prep.boxes, self.settings.reduce, self.settings.topk_fraction
+                maps, prep.regions, self.settings.reduce, self.settings.topk_fraction
             )
         return maps, scores
 
@@ -360,7 +380,7 @@ class Scorer(_ScorerBase):
         maps, scores = self.score_prepared(prep)
         host_scores = scores.float().cpu().numpy().astype(np.float32)
         t1 = time.perf_counter()
-        out_maps = to_frame_maps(maps, prep.boxes, prep.shapes)
+        out_maps = to_frame_maps(maps, prep.regions)
         if timings is not None:
             timings["heads"] = timings.get("heads", 0.0) + t1 - t0
             timings["post"] = timings.get("post", 0.0) + time.perf_counter() - t1
@@ -392,7 +412,7 @@ class BackboneOnlyScorer(_ScorerBase):
     ) -> ScoreBatch:
         """Run pre-processing and the backbone; return zero scores and maps."""
         prep = self.prepare(frames, timings)
-        maps = [np.zeros(s, np.float32) for s in prep.shapes]
+        maps = [np.zeros(r.shape, np.float32) for r in prep.regions]
         return ScoreBatch(np.zeros(len(frames), np.float32), maps)
 
 
@@ -403,30 +423,99 @@ def _sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def crop_reduce(maps: Tensor, boxes: Sequence[Box], reduce: str, topk_fraction: float) -> Tensor:
-    """Image scores from (B, 1, S, S) maps, each reduced inside its frame's box only.
+def crop_reduce(
+    maps: Tensor, regions: Sequence[Region], reduce: str, topk_fraction: float
+) -> Tensor:
+    """Image scores from (B, 1, S, S) maps, each reduced over its frame's judged pixels.
 
-    Letterbox padding is not part of the frame, so it can neither raise nor hide a score.
+    Letterbox padding and blind (clipped) pixels are not looked at, so they can neither raise
+    nor hide a score; a frame that is blind everywhere is scored over its whole box.
     """
-    scores = [
-        reduce_map(maps[i : i + 1, :, top : top + h, left : left + w], reduce, topk_fraction)
-        for i, (top, left, h, w) in enumerate(boxes)
-    ]
+    scores = []
+    for i, region in enumerate(regions):
+        top, left, h, w = region.box
+        crop = maps[i : i + 1, :, top : top + h, left : left + w]
+        if region.blind is not None and not region.blind.all():
+            seen = torch.from_numpy(~region.blind).to(crop.device)
+            crop = crop[:, :, seen].view(1, 1, 1, -1)
+        scores.append(reduce_map(crop, reduce, topk_fraction))
     return torch.cat(scores)
 
 
-def to_frame_maps(
-    maps: Tensor, boxes: Sequence[Box], shapes: Sequence[tuple[int, int]]
-) -> list[np.ndarray]:
-    """Crop each map to its frame's box and resize it to the frame's (H, W), float32."""
+def to_frame_maps(maps: Tensor, regions: Sequence[Region]) -> list[np.ndarray]:
+    """Each map cropped to its frame's box and resized to the frame's (H, W), float32.
+
+    Blind pixels take the lowest value of the judged ones, so thresholding the map with the
+    image threshold never marks a region the score did not come from.
+    """
     host = maps[:, 0].float().cpu().numpy()
     out: list[np.ndarray] = []
-    for amap, (top, left, h, w), (fh, fw) in zip(host, boxes, shapes, strict=True):
-        crop = np.ascontiguousarray(amap[top : top + h, left : left + w])
-        if (h, w) != (fh, fw):
-            crop = cv2.resize(crop, (fw, fh), interpolation=cv2.INTER_LINEAR)
+    for amap, region in zip(host, regions, strict=True):
+        top, left, h, w = region.box
+        crop = np.array(amap[top : top + h, left : left + w])
+        if region.blind is not None and not region.blind.all():
+            crop[region.blind] = crop[~region.blind].min()
+        if (h, w) != region.shape:
+            crop = cv2.resize(crop, region.shape[::-1], interpolation=cv2.INTER_LINEAR)
         out.append(crop.astype(np.float32, copy=False))
     return out
+
+
+def clipped_mask(frame: np.ndarray, min_share: float = 0.005) -> np.ndarray | None:
+    """Pixels of ``frame`` on a plateau at its maximum or minimum value (sensor clipping).
+
+    A value counts as clipped when at least ``min_share`` of the pixels sit exactly on it:
+    a clean frame has a handful of pixels at its extremes, an over- or under-exposed one has
+    whole areas. None when there is no plateau.
+
+    >>> f = np.full((10, 10), 100, np.uint8); f[:3] = 255; f[7, 7] = 0
+    >>> int(clipped_mask(f).sum())
+    30
+    """
+    if frame.dtype not in (np.uint8, np.uint16):
+        return None
+    top = frame.max(axis=2) if frame.ndim == 3 else frame
+    bottom = frame.min(axis=2) if frame.ndim == 3 else frame
+    hi, lo = top.max(), bottom.min()
+    if hi == lo:
+        return None
+    mask: np.ndarray | None = None
+    opening = np.ones((3, 3), np.uint8)
+    for hit in (top == hi, bottom == lo):
+        # Opening drops isolated pixels (impulses the filter kept): a plateau is an area.
+        area = cv2.morphologyEx(hit.astype(np.uint8), cv2.MORPH_OPEN, opening) > 0
+        if area.mean() >= min_share:
+            mask = area if mask is None else mask | area
+    return mask
+
+
+def frame_regions(frames: Sequence[np.ndarray], settings: ModelSettings) -> list[Region]:
+    """The :class:`Region` of each frame in the model input of ``settings``."""
+    cfg = preprocess_config(settings)
+    regions = []
+    for frame in frames:
+        shape = (int(frame.shape[0]), int(frame.shape[1]))
+        box = content_box(shape, cfg)
+        blind = None
+        clipped = clipped_mask(frame) if settings.mask_clipped else None
+        if clipped is not None:
+            blind = _blind_in_box(clipped, box, settings.clipped_margin)
+        regions.append(Region(box=box, shape=shape, blind=blind))
+    return regions
+
+
+def _blind_in_box(clipped: np.ndarray, box: Box, margin: int) -> np.ndarray:
+    """A frame's clipped mask resized to its box, grown by ``margin`` model-input pixels.
+
+    The margin covers the receptive field around a plateau, where features mix clipped and
+    unclipped pixels and look unusual for that reason alone.
+    """
+    _, _, h, w = box
+    small = cv2.resize(clipped.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0.25
+    if margin > 0:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
+        small = cv2.dilate(small.astype(np.uint8), kernel) > 0
+    return np.asarray(small, dtype=bool)
 
 
 def describe(scorer: Scorer) -> dict[str, Any]:

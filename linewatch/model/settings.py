@@ -67,6 +67,12 @@ class ModelSettings(_Strict):
         description="standardise: each frame to a fixed mean and std before pre-processing, "
         "which removes global gain and offset (exposure, lamp ageing)",
     )
+    mask_clipped: bool = Field(
+        True,
+        description="leave plateaus clipped at the sensor's range (over/under-exposure) out "
+        "of the score: they hold no texture to judge",
+    )
+    clipped_margin: int = Field(12, ge=0, description="margin around them (input pixels)")
     impulse_filter: bool = Field(
         True,
         description="replace isolated pixels at the frame's extreme values (salt-and-pepper, "

@@ -41,7 +41,7 @@ from linewatch.model.modelfile import (
     load_model_file,
     save_model_file,
 )
-from linewatch.model.preprocess import AugmentConfig, augment, content_box
+from linewatch.model.preprocess import AugmentConfig, augment
 from linewatch.model.sagan import (
     attention_mask,
     disc_loss,
@@ -51,6 +51,7 @@ from linewatch.model.sagan import (
 )
 from linewatch.model.scorer import (
     Prepared,
+    Region,
     Scorer,
     build_backbone,
     model_input,
@@ -82,23 +83,22 @@ class FeatureCache:
     """Model inputs and backbone features of a set of images, in memory as float16.
 
     ``x`` is kept only when a generator needs pixels; ``feats`` only when the variant uses
-    the backbone. ``boxes`` says where each image lies in the model input.
+    the backbone. ``regions`` says where each image lies in the model input.
     """
 
     x: Tensor | None
     feats: list[Tensor] | None
-    boxes: list[tuple[int, int, int, int]]
-    shapes: list[tuple[int, int]]
+    regions: list[Region]
     size: tuple[int, int]
     labels: list[int] = field(default_factory=list)
     originals: int = -1
 
     def __post_init__(self) -> None:
         if self.originals < 0:
-            self.originals = len(self.boxes)
+            self.originals = len(self.regions)
 
     def __len__(self) -> int:
-        return len(self.boxes)
+        return len(self.regions)
 
     def unaugmented(self) -> FeatureCache:
         """The first ``originals`` rows: the images as the camera gave them, no augmented views.
@@ -111,8 +111,7 @@ class FeatureCache:
         return FeatureCache(
             x=self.x[:n] if self.x is not None else None,
             feats=[f[:n] for f in self.feats] if self.feats is not None else None,
-            boxes=self.boxes[:n],
-            shapes=self.shapes[:n],
+            regions=self.regions[:n],
             size=self.size,
             labels=self.labels[:n],
         )
@@ -128,13 +127,7 @@ class FeatureCache:
         )
         if x is None:  # heads without a generator still need the input size (no memory)
             x = torch.zeros(1, 1, 1, 1, device=device).expand(len(idx), 1, *self.size)
-        rows = [int(i) for i in idx]
-        return Prepared(
-            x=x,
-            feats=feats,
-            boxes=[self.boxes[i] for i in rows],
-            shapes=[self.shapes[i] for i in rows],
-        )
+        return Prepared(x=x, feats=feats, regions=[self.regions[int(i)] for i in idx])
 
     def batches(self, size: int, device: torch.device) -> Iterator[Prepared]:
         """All rows in order, in batches of ``size``."""
@@ -164,21 +157,21 @@ def build_cache(
             view_labels += view_labels[: len(images)]
     xs: list[Tensor] = []
     feats: list[list[Tensor]] = []
+    regions: list[Region] = []
     for start in range(0, len(views), _EXTRACT_BATCH):
         chunk = views[start : start + _EXTRACT_BATCH]
-        x = model_input(chunk, settings, device)
+        x, chunk_regions = model_input(chunk, settings, device)
+        regions += chunk_regions
         if keep_pixels:
             xs.append(x.to("cpu", torch.float16))
         if backbone is not None:
             with torch.inference_mode():
                 levels = backbone(x)
             feats.append([f.to("cpu", torch.float16) for f in levels])
-    shapes = [(int(v.shape[0]), int(v.shape[1])) for v in views]
     return FeatureCache(
         x=torch.cat(xs) if xs else None,
         feats=[torch.cat(level) for level in zip(*feats, strict=True)] if feats else None,
-        boxes=[content_box(s, cfg) for s in shapes],
-        shapes=shapes,
+        regions=regions,
         size=cfg.hw,
         labels=view_labels,
         originals=len(images),
