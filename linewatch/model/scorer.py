@@ -166,9 +166,10 @@ def model_input(
     """
     if settings.impulse_filter:
         frames = [remove_impulses(f) for f in frames]
-    regions = frame_regions(frames, settings)
+    clipped = [clipped_mask(f) if settings.mask_clipped else None for f in frames]
+    regions = frame_regions(frames, settings, clipped)
     if settings.intensity == "standardise":
-        frames = [standardise_intensity(f) for f in frames]
+        frames = [standardise_intensity(f, c) for f, c in zip(frames, clipped, strict=True)]
     return preprocess_batch(frames, preprocess_config(settings), device), regions
 
 
@@ -178,11 +179,12 @@ _TARGET_MEAN = 0.45
 _TARGET_STD = 0.12
 
 
-def standardise_intensity(frame: np.ndarray) -> np.ndarray:
+def standardise_intensity(frame: np.ndarray, clipped: np.ndarray | None = None) -> np.ndarray:
     """``frame`` as float32 in [0, 1] with a fixed mean and std (per frame, all channels).
 
     A global gain and offset of the lighting cancel out; what remains is the surface's
-    relative texture, which is what the model judges.
+    relative texture, which is what the model judges. The statistics leave out ``clipped``
+    pixels (bool H x W), whose values say nothing about the gain.
 
     >>> f = np.array([[10, 20], [30, 40]], np.uint8)
     >>> g = standardise_intensity((f * 2 + 7).astype(np.uint8))
@@ -193,8 +195,9 @@ def standardise_intensity(frame: np.ndarray) -> np.ndarray:
         x = frame.astype(np.float32) / float(np.iinfo(frame.dtype).max)
     else:
         x = frame.astype(np.float32, copy=False)
-    mean = float(x.mean())
-    std = float(x.std())
+    seen = x[~clipped] if clipped is not None and not clipped.all() else x
+    mean = float(seen.mean())
+    std = float(seen.std())
     z = (x - mean) / max(std, 1e-4)
     return np.clip(_TARGET_MEAN + _TARGET_STD * z, 0.0, 1.0).astype(np.float32)
 
@@ -489,17 +492,25 @@ def clipped_mask(frame: np.ndarray, min_share: float = 0.005) -> np.ndarray | No
     return mask
 
 
-def frame_regions(frames: Sequence[np.ndarray], settings: ModelSettings) -> list[Region]:
-    """The :class:`Region` of each frame in the model input of ``settings``."""
+def frame_regions(
+    frames: Sequence[np.ndarray],
+    settings: ModelSettings,
+    clipped: Sequence[np.ndarray | None] | None = None,
+) -> list[Region]:
+    """The :class:`Region` of each frame in the model input of ``settings``.
+
+    ``clipped`` gives each frame's :func:`clipped_mask` when the caller has it already.
+    """
     cfg = preprocess_config(settings)
     regions = []
-    for frame in frames:
+    for i, frame in enumerate(frames):
         shape = (int(frame.shape[0]), int(frame.shape[1]))
         box = content_box(shape, cfg)
-        blind = None
-        clipped = clipped_mask(frame) if settings.mask_clipped else None
         if clipped is not None:
-            blind = _blind_in_box(clipped, box, settings.clipped_margin)
+            mask = clipped[i]
+        else:
+            mask = clipped_mask(frame) if settings.mask_clipped else None
+        blind = _blind_in_box(mask, box, settings.clipped_margin) if mask is not None else None
         regions.append(Region(box=box, shape=shape, blind=blind))
     return regions
 

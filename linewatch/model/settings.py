@@ -63,7 +63,7 @@ class ModelSettings(_Strict):
     keep_aspect: bool = Field(False, description="letterbox instead of stretching")
     illumination: Illumination = "none"
     intensity: Literal["none", "standardise"] = Field(
-        "none",
+        "standardise",
         description="standardise: each frame to a fixed mean and std before pre-processing, "
         "which removes global gain and offset (exposure, lamp ageing)",
     )
