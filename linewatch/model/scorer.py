@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from linewatch.errors import ModelFileError
+from linewatch.errors import ConfigError, ModelFileError
 from linewatch.log import get_logger
 from linewatch.metrics.thresholds import ThresholdRule, ThresholdSet
 from linewatch.model.backbone import FeatureExtractor
@@ -92,9 +92,9 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ModelFileError("device cuda requested but no CUDA device is available")
+        raise ConfigError("device cuda requested but no CUDA device is available")
     if choice not in ("cpu", "cuda"):
-        raise ModelFileError(f"unknown device {choice!r}; expected auto, cpu or cuda")
+        raise ConfigError(f"unknown device {choice!r}; expected auto, cpu or cuda")
     return torch.device(choice)
 
 
@@ -527,14 +527,3 @@ def _blind_in_box(clipped: np.ndarray, box: Box, margin: int) -> np.ndarray:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
         small = cv2.dilate(small.astype(np.uint8), kernel) > 0
     return np.asarray(small, dtype=bool)
-
-
-def describe(scorer: Scorer) -> dict[str, Any]:
-    """A JSON-able summary of a loaded scorer (for logs and reports)."""
-    return {
-        "model_id": scorer.model_id,
-        "variant": scorer.settings.variant,
-        "size": scorer.size,
-        "terms": list(scorer.terms),
-        "threshold_version": scorer.threshold_version,
-    }
