@@ -3,17 +3,19 @@
 ``A(x) = w_f norm(A_feat) + w_p norm(diag(Att) . |x - G(x)|) + lambda_D norm(A_disc)
 + w_m norm(A_mem)``, Gaussian-smoothed; the image score is its max (or top-k mean).
 
-- ``A_feat``: MDAAE feature reconstruction distance (eq. 7, L2 or 1 - SSIM).
+- ``A_feat``: MDAAE feature reconstruction distance (eq. 7: per-position Mahalanobis of the
+  residual by default, or L2, or 1 - SSIM).
 - ``A_pix``: the generator's image residual weighted by the diagonal of its self-attention.
 - ``A_disc``: distance between D's attended features of ``x`` and ``G(x)`` (the feature
   matching term of eq. 13 read per position), so only D's feature layers run at scoring.
-- ``A_mem``: distance of each fused feature ``Phi(i, j)`` to its nearest neighbour in a
-  coreset of normal fused features (the paper's memory bank of normal samples).
+- ``A_mem``: distance of the multi-level features at each position to the memory of normal
+  samples (a per-position Gaussian by default, or a kNN coreset).
 
 ``norm`` is an affine map per term fitted on defect-free validation images (see
 :class:`TermNorm`), so that no term dominates by its units and the joint map is in "standard
-deviations above the typical good image". The same :class:`JointModel` serves every ablation
-variant; parts a variant switches off are simply absent.
+deviations above the typical good image"; the weights are chosen on validation data by
+calibration. The same :class:`JointModel` serves every ablation variant; parts a variant
+switches off are simply absent.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class JointForward:
 
 
 class JointModel(nn.Module):
-    """All trainable networks of one variant plus the memory bank (a buffer).
+    """All trainable networks of one variant plus the memories of normal appearance (buffers).
 
     The frozen backbone is not part of it: its weights ship with the package and it runs once
     per frame outside, so the model file holds only what training produced.
