@@ -139,7 +139,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _register_calibrate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
-        "calibrate", help="fit score normalisation and thresholds on DATA/val"
+        "calibrate", help="fit normalisation, term weights and thresholds on DATA/val"
     )
     p.add_argument("model", type=Path, help="model file (.lwm), updated in place")
     p.add_argument("data", type=Path, help="data set with a val split (good + defective)")
