@@ -58,6 +58,44 @@ def test_smoothing_matches_a_gaussian_blur_per_map_and_keeps_the_batch() -> None
         smooth_maps(maps[0], 1.0)
 
 
+def test_smoothing_takes_wire_maps_float16_or_uint8_with_their_scale() -> None:
+    amap = _two_blobs_and_a_speck()
+    reference = smooth_maps(amap[None], sigma=2.0)[0]
+    from_half = smooth_maps(amap.astype(np.float16)[None], sigma=2.0)[0]
+    np.testing.assert_allclose(from_half, reference, atol=1e-3)
+    as_bytes = np.rint(amap * 20).astype(np.uint8)  # value = stored x 0.05
+    from_bytes = smooth_maps(as_bytes[None], sigma=2.0, scale=0.05)[0]
+    np.testing.assert_allclose(from_bytes, reference, atol=1e-3)
+
+
+def test_non_finite_values_stay_non_finite_through_the_smoothing() -> None:
+    for bad in (np.inf, -np.inf, np.nan):
+        amap = np.zeros((16, 16), np.float16)
+        amap[3, 12] = bad
+        assert not np.isfinite(smooth_maps(amap[None], sigma=4.0)[0]).all()
+
+
+def test_regions_are_the_same_as_labelling_the_whole_map() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        amap = cv2.GaussianBlur(rng.random((48, 64)).astype(np.float32), (0, 0), 1.5)
+        threshold = float(np.quantile(amap, 0.9))
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(
+            (amap >= threshold).astype(np.uint8), connectivity=8)
+        expected = sorted(
+            (int(s[0]), int(s[1]), int(s[2]), int(s[3]), int(s[4]),
+             float(amap[labels == i].max()))
+            for i, s in enumerate(stats) if i > 0 and s[4] >= 2
+        )
+        found = sorted((r.x, r.y, r.w, r.h, r.area, r.max_score)
+                       for r in find_regions(amap, threshold, min_area=2))
+        assert found == expected
+
+
+def test_a_map_below_threshold_has_no_regions() -> None:
+    assert find_regions(np.full((8, 8), 0.5, np.float32), threshold=1.0, min_area=1) == []
+
+
 def test_smoothing_removes_the_speck_but_keeps_the_blobs() -> None:
     smoothed = smooth_maps(_two_blobs_and_a_speck()[None], sigma=2.0)[0]
     assert len(find_regions(smoothed, threshold=1.0, min_area=4)) == 2

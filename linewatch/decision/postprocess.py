@@ -45,21 +45,23 @@ class Region:
         )
 
 
-def smooth_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian-smooth each map of a (B, H, W) batch; returns float32, same shape.
+def smooth_maps(maps: np.ndarray, sigma: float, scale: float = 1.0) -> np.ndarray:
+    """Gaussian-smooth each map of a (B, H, W) batch, times ``scale``; float32, same shape.
 
-    ``sigma`` is in map pixels; 0 returns an unsmoothed float32 copy. Borders are
-    reflected so that a defect at the edge is not diluted by zeros.
+    ``maps`` may be float16 (as maps travel on the wire) or float32. ``sigma`` is in map
+    pixels; 0 returns an unsmoothed float32 copy. Borders are reflected so that a defect
+    at the edge is not diluted by zeros.
     """
     if maps.ndim != 3:
         raise ValueError(f"maps must be (B, H, W), got shape {maps.shape}")
-    out = maps.astype(np.float32, copy=True)
-    if sigma <= 0:
-        return out
-    for i in range(out.shape[0]):
-        out[i] = cv2.GaussianBlur(
-            out[i], (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT
-        )
+    out = np.empty(maps.shape, np.float32)
+    for i in range(maps.shape[0]):
+        # cv2 converts float16 about 8x faster than numpy's astype does (0.01 vs 0.08 ms
+        # for 256 x 256), which matters at one map per frame.
+        cv2.addWeighted(maps[i], scale, maps[i], 0.0, 0.0, dst=out[i], dtype=cv2.CV_32F)
+        if sigma > 0:
+            cv2.GaussianBlur(out[i], (0, 0), sigmaX=sigma, sigmaY=sigma, dst=out[i],
+                             borderType=cv2.BORDER_REFLECT)
     return out
 
 
@@ -71,20 +73,28 @@ def find_regions(amap: np.ndarray, threshold: float, min_area: int) -> list[Regi
     """
     if amap.ndim != 2:
         raise ValueError(f"amap must be (H, W), got shape {amap.shape}")
-    mask = (amap >= threshold).astype(np.uint8)
+    hot = amap >= threshold
+    rows = np.flatnonzero(hot.any(axis=1))
+    if rows.size == 0:
+        return []  # the common case of a good part: no labelling at all
+    cols = np.flatnonzero(hot.any(axis=0))
+    # Label only the box around the hot pixels: every region lies inside it, and
+    # labelling a whole 256 x 256 map costs 0.4 ms on a 2-core CPU.
+    y0, x0 = int(rows[0]), int(cols[0])
+    box = (slice(y0, int(rows[-1]) + 1), slice(x0, int(cols[-1]) + 1))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(
-        mask, connectivity=8, ltype=cv2.CV_32S
+        hot[box].astype(np.uint8), connectivity=8, ltype=cv2.CV_32S
     )
+    values_box = amap[box]
     regions = []
     for label in range(1, count):  # 0 is the background
         x, y, w, h, area = (int(v) for v in stats[label])
         if area < min_area:
             continue
         window = (slice(y, y + h), slice(x, x + w))
-        values = amap[window][labels[window] == label]
-        regions.append(
-            Region(x, y, w, h, area, float(values.max()), float(values.mean(dtype=np.float64)))
-        )
+        values = values_box[window][labels[window] == label]
+        regions.append(Region(x0 + x, y0 + y, w, h, area, float(values.max()),
+                              float(values.mean(dtype=np.float64))))
     regions.sort(key=lambda r: r.max_score, reverse=True)
     return regions
 
@@ -101,7 +111,9 @@ def render_heatmap(amap: np.ndarray, region: Region, margin: int = 8) -> bytes:
     crop = np.nan_to_num(amap[y0:y1, x0:x1], nan=0.0, posinf=region.max_score, neginf=0.0)
     top = region.max_score if region.max_score > 0 else 1.0
     grey = np.clip(crop / top * 255.0, 0, 255).astype(np.uint8)
-    ok, png = cv2.imencode(".png", cv2.applyColorMap(grey, cv2.COLORMAP_JET))
+    # Fastest zlib level: these PNGs are small crops, and encoding sits on the verdict path.
+    ok, png = cv2.imencode(".png", cv2.applyColorMap(grey, cv2.COLORMAP_JET),
+                           [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise ValueError("PNG encoding of a heatmap failed")
     return png.tobytes()

@@ -380,8 +380,10 @@ class DecisionService:
 
     def _decide(self, result: ResultHeader, stored_map: np.ndarray, now: int) -> VerdictBatch:
         frame = result.frame
-        amap = stored_map.astype(np.float32) * np.float32(result.map_scale)
-        if not math.isfinite(result.score) or not np.isfinite(amap).all():
+        decision = self.cfg.decision
+        # Non-finite map values stay non-finite through the scaling and the blur.
+        smoothed = smooth_maps(stored_map[None], decision.sigma, result.map_scale)[0]
+        if not math.isfinite(result.score) or not np.isfinite(smoothed).all():
             self.counters.bad_results += 1
             log.warning("bad_result", frame_id=frame.frame_id, worker=result.worker)
             return self._fail_safe(frame, REASON_BAD_RESULT, now, result)
@@ -391,8 +393,6 @@ class DecisionService:
                         late_ms=(now - frame.deadline_ns) / 1e6)
             return self._fail_safe(frame, REASON_TIMEOUT, now, result)
 
-        decision = self.cfg.decision
-        smoothed = smooth_maps(amap[None], decision.sigma)[0]
         sx, sy, ox, oy = self._map_to_frame(frame, smoothed.shape)
         min_area_map = max(1, math.ceil(decision.min_area / (sx * sy)))
         found = find_regions(smoothed, result.threshold, min_area_map)
