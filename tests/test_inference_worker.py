@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from linewatch.config import LineConfig, validate_config
-from linewatch.inference.worker import InferenceWorker
+from linewatch.inference.worker import InferenceWorker, wire_map
 from linewatch.model.modelfile import read_model_meta, update_model_meta
 from linewatch.model.scorer import Scorer
 from linewatch.testing import frame_header
@@ -171,3 +171,13 @@ def test_a_broken_model_file_is_refused_and_the_old_model_keeps_scoring(
     rig.send(frame)
     rig.run_until(2)
     assert _model_id(rig, 1) == first_id
+
+
+def test_wire_maps_are_float16_like_numpys_conversion_overflow_included() -> None:
+    amap = np.random.default_rng(0).normal(0.0, 3.0, (37, 41)).astype(np.float32)
+    amap[0, 0], amap[1, 1], amap[2, 2] = 1e6, np.nan, -np.inf  # 1e6 overflows float16
+    half = wire_map(amap[:, ::1])
+    assert half.dtype == np.float16 and half.shape == amap.shape
+    with np.errstate(over="ignore"):
+        expected = amap.astype(np.float16)
+    np.testing.assert_array_equal(half, expected)
