@@ -79,6 +79,13 @@ def test_summary_splits_latency_into_batch_model_time_and_overhead() -> None:
     overheads = [60 - 40, 55 - 40, 40 - 20]
     assert run.overhead_ms_mean == pytest.approx(sum(overheads) / 3, abs=1e-3)
     assert run.overhead_ratio == pytest.approx(sum(overheads) / (40 + 40 + 20), abs=1e-3)
+    assert run.overhead_stages is not None
+    stages = run.overhead_stages
+    assert stages.to_model == pytest.approx((10 + 5 + 10) / 3, abs=1e-3)
+    assert stages.to_decision == pytest.approx((5 + 5 + 2) / 3, abs=1e-3)
+    assert stages.decide_write == pytest.approx((5 + 5 + 8) / 3, abs=1e-3)
+    assert stages.to_model + stages.to_decision + stages.decide_write == pytest.approx(
+        run.overhead_ms_mean, abs=1e-3)
     assert (run.full_batch_ms, run.full_batch_source) == (40.0, "full_batches")
     assert run.p99_over_batch_time == pytest.approx(run.latency_ms.p99 / 40.0, abs=1e-3)
     assert run.batch_size_mean == pytest.approx((2 + 2 + 1) / 3, abs=0.01)
@@ -122,7 +129,7 @@ PIPELINE_KEYS = {"plan", "worker_threads", "log_dir", "runs"}
 RUN_KEYS = {"cameras", "scorer", "offered_fps", "frames", "verdicts", "steady_frames", "missed",
             "fail_safe", "throughput_fps", "latency_ms", "decided_latency_ms", "model_ms_mean",
             "batch_size_mean", "full_batch_ms", "full_batch_source", "overhead_ms_mean",
-            "overhead_ratio", "p99_over_batch_time"}
+            "overhead_ratio", "overhead_stages", "p99_over_batch_time"}
 LATENCY_KEYS = {"p50", "p99", "max", "mean"}
 
 

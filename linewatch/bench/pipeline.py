@@ -14,6 +14,11 @@ Definitions (per frame, over the steady part of a run):
   batch and for a free worker, decision (smoothing, regions, heatmaps), the per-camera
   reorder stage, and the Redis write.
 - ``overhead_ratio`` = mean(overhead) / mean(model time), over frames that were scored.
+- **overhead stages** (means, ms), which add up to the overhead: ``to_model`` = infer start -
+  acquired (acquisition to dispatcher to worker over ZeroMQ, waiting for a batch and for a
+  free worker); ``to_decision`` = decided - infer end (the result's way to the decision
+  service and its wait there); ``decide_write`` = written time - decided (smoothing,
+  regions, heatmaps, the per-camera reorder stage and the Redis write).
 - **full-batch time**: the median model time of batches of ``max_batch`` frames seen in
   the run; when none filled up (light load), median(model time / batch size) x max_batch,
   and ``full_batch_source`` says ``extrapolated``.
@@ -49,6 +54,7 @@ from linewatch.testing import redis_server, running_line, wait_until
 
 __all__ = [
     "LatencyStats",
+    "OverheadStages",
     "PipelineBench",
     "PipelinePlan",
     "PipelineRun",
@@ -111,6 +117,14 @@ class LatencyStats(_Frozen):
                    max=round(float(values_ms.max()), 2), mean=round(float(values_ms.mean()), 2))
 
 
+class OverheadStages(_Frozen):
+    """Where the overhead goes: means in ms over the scored steady frames."""
+
+    to_model: float = Field(description="acquired to infer start: wire, dispatch, batching")
+    to_decision: float = Field(description="infer end to decided: result wire, decision queue")
+    decide_write: float = Field(description="decided to written: post-processing, order, Redis")
+
+
 class PipelineRun(_Frozen):
     """One run of the line: ``cameras`` cameras, scored by ``scorer``."""
 
@@ -133,6 +147,7 @@ class PipelineRun(_Frozen):
     full_batch_source: Literal["full_batches", "extrapolated"] | None
     overhead_ms_mean: float | None = Field(description="mean of latency - model time")
     overhead_ratio: float | None = Field(description="mean overhead / mean model time")
+    overhead_stages: OverheadStages | None = Field(description="the overhead by stage")
     p99_over_batch_time: float | None = Field(description="p99 latency / full-batch time")
 
 
@@ -213,6 +228,7 @@ def summarise_run(
                 w.verdict.batch_size or 1): None for w in scored}
     full_ms, full_source = _full_batch_ms(batches, plan.max_batch)
     overhead = scored_latency - model
+    stages = _overhead_stages(scored)
     stats = LatencyStats.of(latency)
     span_s = (max(w.written_ns for w in steady) - min(w.written_ns for w in steady)) / 1e9 \
         if len(steady) > 1 else 0.0
@@ -236,8 +252,22 @@ def summarise_run(
         overhead_ms_mean=_round(float(overhead.mean())) if overhead.size else None,
         overhead_ratio=_round(float(overhead.mean() / model.mean()))
         if model.size and model.mean() > 0 else None,
+        overhead_stages=stages,
         p99_over_batch_time=_round(stats.p99 / full_ms) if stats and full_ms else None,
     )
+
+
+def _overhead_stages(scored: Sequence[WrittenVerdict]) -> OverheadStages | None:
+    if not scored:
+        return None
+    ms = np.array([
+        ((cast(int, w.verdict.ts_infer_start_ns) - cast(int, w.verdict.ts_acquired_ns)) / 1e6,
+         (w.verdict.ts_decided_ns - cast(int, w.verdict.ts_infer_end_ns)) / 1e6,
+         (w.written_ns - w.verdict.ts_decided_ns) / 1e6)
+        for w in scored
+    ]).mean(axis=0)
+    return OverheadStages(to_model=round(float(ms[0]), 3), to_decision=round(float(ms[1]), 3),
+                          decide_write=round(float(ms[2]), 3))
 
 
 # --------------------------------------------------------------------------- running

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from linewatch import __version__
 from linewatch.bench.model import ModelBench, ModelRow
-from linewatch.bench.pipeline import LatencyStats, PipelineBench, PipelineRun
+from linewatch.bench.pipeline import LatencyStats, OverheadStages, PipelineBench, PipelineRun
 
 __all__ = ["BenchReport", "MachineInfo", "format_report", "machine_info", "write_json"]
 
@@ -139,8 +139,8 @@ def _pipeline_lines(bench: PipelineBench) -> list[str]:
             f"max_wait {p.max_wait_ms:g} ms; {p.seconds:g} s measured after {p.warmup_s:g} s "
             f"warm-up; latency = acquisition to verdict in Redis")
     header = ["cams", "scorer", "offered/s", "verdicts/s", "p50 ms", "p99 ms", "max ms",
-              "model ms", "batch", "full batch ms", "overhead ms", "overhead/model",
-              "p99/batch", "fail-safe"]
+              "model ms", "batch", "full batch ms", "overhead ms", "in/out/write ms",
+              "overhead/model", "p99/batch", "fail-safe"]
     rows = [_pipeline_row(r) for r in bench.runs]
     return [head, *_table(header, rows)]
 
@@ -151,9 +151,15 @@ def _pipeline_row(r: PipelineRun) -> list[str]:
     full = _num(r.full_batch_ms) + ("*" if r.full_batch_source == "extrapolated" else "")
     return [str(r.cameras), r.scorer, _num(r.offered_fps), _num(r.throughput_fps),
             _num(lat.p50), _num(lat.p99), _num(lat.max), _num(r.model_ms_mean),
-            _num(r.batch_size_mean), full, _num(r.overhead_ms_mean),
+            _num(r.batch_size_mean), full, _num(r.overhead_ms_mean), _stages(r.overhead_stages),
             _num(r.overhead_ratio, 2), _num(r.p99_over_batch_time, 2),
             f"{r.fail_safe}/{r.steady_frames}"]
+
+
+def _stages(stages: OverheadStages | None) -> str:
+    if stages is None:
+        return "-"
+    return "/".join(_num(v) for v in (stages.to_model, stages.to_decision, stages.decide_write))
 
 
 def format_report(report: BenchReport) -> str:
