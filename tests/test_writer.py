@@ -51,6 +51,40 @@ def test_a_frame_is_written_once_however_often_it_is_sent(
     assert 0 < redis_client.ttl(done) <= RedisConfig().dedupe_ttl_s
 
 
+def test_several_frames_go_in_one_call_in_order_and_duplicates_stay_out(
+    redis_client: redis.Redis, line_name: str, tmp_path: Path
+) -> None:
+    writer = _writer(redis_client, line_name, tmp_path)
+    first = [sample_batch("cam0", seq, reject=seq % 2 == 0) for seq in range(3)]
+    assert writer.write_verdicts(first) == [True, True, True]
+    again = [sample_batch("cam0", 1), sample_batch("cam0", 3, n_defects=2)]
+    assert writer.write_verdicts(again) == [False, True]
+    assert [v.seq for v in read_records(redis_client, line_name, VerdictRecord)] == [0, 1, 2, 3]
+    assert [r.seq for r in read_records(redis_client, line_name, RejectRecord)] == [0, 2, 3]
+    assert writer.counters.written == 4 and writer.counters.duplicates == 1
+    assert writer.write_verdicts([]) == []
+
+
+def test_a_redis_that_lost_its_scripts_still_gets_the_frames(
+    redis_client: redis.Redis, line_name: str, tmp_path: Path
+) -> None:
+    writer = _writer(redis_client, line_name, tmp_path)
+    assert writer.write_verdicts([sample_batch("cam0", 0)]) == [True]
+    redis_client.script_flush()  # as after a restart without persistence of scripts
+    assert writer.write_verdicts([sample_batch("cam0", s) for s in (1, 2)]) == [True, True]
+    assert [v.seq for v in read_records(redis_client, line_name, VerdictRecord)] == [0, 1, 2]
+    assert writer.counters.spooled == 0
+
+
+def test_heatmaps_must_match_the_defects(
+    redis_client: redis.Redis, line_name: str, tmp_path: Path
+) -> None:
+    writer = _writer(redis_client, line_name, tmp_path)
+    batch = sample_batch("cam0", 0, n_defects=2)
+    with pytest.raises(ValueError, match="1 heatmaps for 2 defects of cam0:0"):
+        writer.write_verdict(batch.verdict, batch.defects, batch.reject, [PNG])
+
+
 def test_a_pass_verdict_writes_no_reject(
     redis_client: redis.Redis, line_name: str, tmp_path: Path
 ) -> None:

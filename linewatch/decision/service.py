@@ -138,6 +138,7 @@ class DecisionService:
         self.writer = writer or StreamWriter(client, cfg.line, cfg.redis, cfg.decision)
         self.tracker = FrameTracker(max_gap=cfg.decision.max_gap_frames)
         self.order: VerdictOrder[VerdictBatch] = VerdictOrder()
+        self._released: list[VerdictBatch] = []  # out of the order stage, not yet written
         self.counters = DecisionCounters()
         self.bad_messages = BadMessageCounter("decision")
         self.ready = threading.Event()  # set once the socket is bound
@@ -207,14 +208,13 @@ class DecisionService:
                 next_stats = now + _STATS_EVERY_S
 
     def _receive_available(self, sock: Socket, limit: int | None) -> None:
-        taken = 0
-        while limit is None or taken < limit:
+        messages: list[Sequence[Part]] = []
+        while limit is None or len(messages) < limit:
             try:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                messages.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
             except zmq.Again:
-                return
-            self.handle(parts)
-            taken += 1
+                break
+        self.handle_all(messages)
 
     def tick(self) -> None:
         """Fail-safe verdicts for frames past their deadline; retry a spooled backlog."""
@@ -225,6 +225,7 @@ class DecisionService:
         # Expiry also ends waits for announcements that never came: look at every camera.
         for camera in self.order.cameras():
             self._release(camera, now)
+        self._write_released()
         self.writer.flush(force=False)
 
     def flush_order(self) -> None:
@@ -245,8 +246,8 @@ class DecisionService:
             if blockers:
                 log.warning("pending_rejected_on_stop", camera=camera, frames=len(blockers),
                             first_seq=blockers[0].seq, last_seq=blockers[-1].seq)
-        for batch in self.order.drain(now):
-            self._write(batch)
+        self._released.extend(self.order.drain(now))
+        self._write_released()
 
     def stats(self) -> dict[str, int]:
         """Every counter of the service, its tracker and its writer, flat."""
@@ -263,6 +264,19 @@ class DecisionService:
 
     def handle(self, parts: Sequence[Part]) -> None:
         """Decide on one received multipart message; a bad one is counted and skipped."""
+        self.handle_all([parts])
+
+    def handle_all(self, messages: Sequence[Sequence[Part]]) -> None:
+        """Decide on received messages in order, then write what they released at once.
+
+        One Redis round trip carries the verdicts of everything that arrived together
+        (a worker's batch, several cameras), each still its own atomic write.
+        """
+        for parts in messages:
+            self._handle_one(parts)
+        self._write_released()
+
+    def _handle_one(self, parts: Sequence[Part]) -> None:
         self.counters.messages += 1
         try:
             message, amap = decode_decision_message(parts)
@@ -361,20 +375,24 @@ class DecisionService:
         self.order.hold(verdict.camera, verdict.seq, batch, now)
 
     def _release(self, camera: str, now: int) -> None:
-        """Write the held verdicts of ``camera`` that no pending frame precedes."""
+        """Queue for writing the held verdicts of ``camera`` that no pending frame precedes."""
         lowest = self.tracker.lowest_pending_seq(camera)
-        for batch in self.order.release(camera, lowest, now):
-            self._write(batch)
+        self._released.extend(self.order.release(camera, lowest, now))
 
-    def _write(self, batch: VerdictBatch) -> None:
-        verdict = batch.verdict
-        if not self.writer.write_verdict(verdict, batch.defects, batch.reject, batch.heatmaps):
-            return  # written before (the writer counts it), or refused by a full spool (logged)
-        if verdict.verdict == "reject":
-            self.counters.rejects += 1
-        else:
-            self.counters.passes += 1
-        self.counters.fail_safe += verdict.fail_safe
+    def _write_released(self) -> None:
+        """Write the released verdicts, in the order they were released."""
+        if not self._released:
+            return
+        batches, self._released = self._released, []
+        for batch, written in zip(batches, self.writer.write_verdicts(batches), strict=True):
+            if not written:
+                continue  # written before (the writer counts it), or refused by a full spool
+            verdict = batch.verdict
+            if verdict.verdict == "reject":
+                self.counters.rejects += 1
+            else:
+                self.counters.passes += 1
+            self.counters.fail_safe += verdict.fail_safe
 
     # ------------------------------------------------------------------ verdicts
 
