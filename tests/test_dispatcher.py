@@ -94,6 +94,7 @@ class Decision:
     announced: list[str] = field(default_factory=list)
     notices: list[GapNotice | CameraStatus] = field(default_factory=list)
     outcomes: dict[str, list[ResultHeader | FrameFailed]] = field(default_factory=dict)
+    kinds: list[str] = field(default_factory=list)  # every message's kind, in arrival order
 
     def read(self, timeout_ms: int = 0) -> None:
         if not self.sock.poll(timeout_ms):
@@ -104,6 +105,7 @@ class Decision:
             except zmq.Again:
                 return
             message, amap = decode_decision_message(parts)
+            self.kinds.append(message.kind)
             if isinstance(message, FrameAnnounce):
                 self.announced.append(message.frame.frame_id)
             elif isinstance(message, ResultHeader | FrameFailed):
@@ -371,7 +373,7 @@ def test_bad_messages_are_counted_and_skipped(
     dispatcher.close()
 
 
-def test_gap_and_camera_notices_go_on_to_decision_in_order(
+def test_gap_and_camera_notices_go_on_to_decision_in_order_with_the_announcements(
     ctx: Context, tmp_path: Path, decision: Decision
 ) -> None:
     cfg = transport(tmp_path)
@@ -391,6 +393,8 @@ def test_gap_and_camera_notices_go_on_to_decision_in_order(
     until(lambda: len(decision.notices) == 2, turn, "both notices")
     assert decision.notices == [gap, status]
     assert decision.announced == [frame_id]
+    # The frame's announcement waits for its dispatch, but never behind a later notice.
+    assert decision.kinds == ["gap", "announce", "camera_status"]
     assert dispatcher.stats.notices == 2 and dispatcher.stats.frames_in == 1
     dispatcher.close()
 

@@ -15,7 +15,11 @@ The load-balancing broker of the ZeroMQ guide with Paranoid Pirate heartbeats::
   cameras, their sockets fill up to the high-water mark, and acquisition counts
   the frames it cannot send (they become gaps). Backpressure, never unbounded memory.
 - Every frame received is announced to the decision service, which then owns its
-  deadline: a verdict by then, or a fail-safe reject. Gap and camera-status
+  deadline: a verdict by then, or a fail-safe reject. The announcement leaves right
+  after the frame went to a worker, so that decision's work on it (a Redis write)
+  does not compete with the frame's way to the model; a result that overtakes its
+  announcement is held by decision until the announcement comes. Any other notice
+  leaves after the announcements of the frames read before it. Gap and camera-status
   notices from acquisition go on to decision as they are.
 - A worker silent for longer than a heartbeat (plus grace) gets no new frames;
   after ``heartbeat_ms * liveness`` it is declared dead, and the frames it held
@@ -154,6 +158,7 @@ class Dispatcher:
         self._stats_interval_s = stats_interval_s
         self._queue: deque[_Queued] = deque()
         self._notices: deque[list[bytes]] = deque()
+        self._unannounced: list[FrameHeader] = []  # read this step, announced after dispatch
         self._workers: dict[bytes, _Worker] = {}
         self._sent_count = 0
         # Frames announced last, to announce again to a decision service that reconnects:
@@ -377,6 +382,7 @@ class Dispatcher:
                 self._lose_worker(worker, "silent")
         self._fail_expired_in_queue(time.time_ns())
         self._dispatch(now)
+        self._queue_announcements()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self._heartbeat_s
             for worker in list(self._workers.values()):
@@ -485,7 +491,12 @@ class Dispatcher:
 
     def _announce(self, header: FrameHeader) -> None:
         self._announced.append(header)
-        self._notify(FrameAnnounce(frame=header))
+        self._unannounced.append(header)
+
+    def _queue_announcements(self) -> None:
+        for header in self._unannounced:
+            self._notices.append(encode_message(FrameAnnounce(frame=header)))
+        self._unannounced.clear()
 
     def _watch_decision(self) -> None:
         """Announce the last frames again when decision's connection comes back."""
@@ -511,6 +522,7 @@ class Dispatcher:
         self._notify(FrameFailed(frame=header, reason=reason))
 
     def _notify(self, notice: Notice) -> None:
+        self._queue_announcements()  # a frame's announcement before anything said about it
         self._notices.append(encode_message(notice))
         self._flush_notices()
 
