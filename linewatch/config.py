@@ -181,6 +181,28 @@ class RoiConfig(_Strict):
     height: int = Field(gt=0)
 
 
+class InferenceOptions(_Strict):
+    """How a loaded scorer runs its backbone (:mod:`linewatch.model.acceleration`).
+
+    The heads always run in float32: reduced precision applies to the backbone, whose
+    features are handed on as float32. Defaults are what measured best on a CPU while
+    leaving scores as they are (``bench/README.md``, "Inference options on CPU").
+    """
+
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="backbone arithmetic: fp32 | bf16 (autocast; CPUs with AVX512-BF16/AMX, "
+        "CUDA) | fp16 (CUDA only); moves scores, so recalibrate under it",
+    )
+    channels_last: bool = Field(
+        False, description="run the backbone on NHWC tensors (same numbers, faster on CPU)"
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the backbone; compiles at load (~15-60 s on a 2-core CPU)",
+    )
+
+
 class WorkersConfig(_Strict):
     """Batched inference workers."""
 
@@ -199,6 +221,7 @@ class WorkersConfig(_Strict):
     roi: RoiConfig | None = None
     tile_size: int | None = Field(None, ge=32, description="tile frames larger than this")
     tile_overlap: int = Field(32, ge=0)
+    inference: InferenceOptions = InferenceOptions()
     # Fault injection (linewatch faults and its tests); leave unset on a real line.
     inject_delay_ms: float = Field(
         0.0, ge=0, description="fault injection: sleep this long before scoring each batch"

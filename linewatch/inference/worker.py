@@ -250,13 +250,16 @@ def score_tiled(
 def scorer_loader(config: LineConfig, device: str | None = None) -> Callable[[Path], ScorerLike]:
     """How the line's workers load a model file (``workers.scorer``) on ``device``
     (default ``workers.device``)."""
+    from linewatch.model.acceleration import apply_options
     from linewatch.model.scorer import BackboneOnlyScorer, Scorer
 
     workers = config.workers
     scorer_class = BackboneOnlyScorer if workers.scorer == "backbone_only" else Scorer
 
     def load(path: Path) -> ScorerLike:
-        return scorer_class.load(path, device=device or workers.device)
+        scorer = scorer_class.load(path, device=device or workers.device)
+        apply_options(scorer, workers.inference)  # precision, layout, compile
+        return scorer
 
     return load
 

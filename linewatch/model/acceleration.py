@@ -1,0 +1,168 @@
+"""How a loaded scorer runs its networks: precision, memory layout, compilation.
+
+:func:`apply_options` changes how the frozen backbone of a loaded scorer computes, never what
+the scorer does with its features::
+
+    scorer = Scorer.load("line.lwm", device="cpu")
+    apply_options(scorer, InferenceOptions(channels_last=True, precision="bf16"))
+
+- ``channels_last`` runs the backbone on NHWC tensors. The same arithmetic in another order
+  of memory: on the development CPU the features were bit-identical and the backbone ~10 %
+  faster (``bench/README.md``, "Inference options on CPU").
+- ``precision`` ``bf16`` / ``fp16`` runs the backbone under :func:`torch.autocast`. The
+  features go on to the heads as float32, because the Mahalanobis terms invert covariances
+  and need the range and resolution of float32. Reduced precision moves scores, so a model
+  served under it should be calibrated under it. ``fp16`` is CUDA only (CPUs have no fast
+  fp16 convolutions); ``bf16`` on a CPU needs AVX512-BF16 or AMX to be fast.
+- ``compile`` wraps the backbone's forward in :func:`torch.compile` and compiles it at load
+  on dummy batches (one graph for a batch of one, one for larger batches up to 15), so the
+  first frames of a line do not pay for it; a batch of 16 or more compiles once more on
+  first use. Each load compiles again (a hot-reloaded model too). A backbone that cannot
+  compile is a :class:`ConfigError`, not a fallback that silently runs slower than
+  configured.
+
+The heads (``scorer.model``) run as they are: they cost a fraction of the backbone (README,
+``scorer_over_backbone``) and their memory-bank search runs image by image.
+
+The scorer's batch invariance holds under every option: an image scored alone and in a batch
+of eight differed by at most 2e-6 (fp32, channels_last, bf16; magnetic-tile val), and
+``tests/test_acceleration.py`` checks it within 1e-4 for bf16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from linewatch.config import InferenceOptions
+from linewatch.errors import ConfigError
+from linewatch.log import get_logger
+from linewatch.model.backbone import FeatureExtractor, LevelBackbone
+
+__all__ = ["AcceleratedBackbone", "InferenceOptions", "apply_options", "check_options"]
+
+log = get_logger("acceleration")
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _HasBackbone(Protocol):
+    """A scorer as :func:`apply_options` sees it (both scorers of ``scorer.py``)."""
+
+    @property
+    def backbone(self) -> FeatureExtractor | None: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+def check_options(options: InferenceOptions, device: torch.device) -> None:
+    """Refuse options ``device`` cannot run, with a one-line error naming the setting."""
+    if options.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            "workers.inference.precision fp16 needs a CUDA device; use bf16 or fp32 on a CPU"
+        )
+    if options.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            "workers.inference.precision bf16: this GPU has no bf16 support; use fp16"
+        )
+    if options.precision == "bf16" and device.type == "cpu" and not _cpu_has_fast_bf16():
+        # Runs, but emulated: slower than fp32. Say so rather than refuse a working setting.
+        log.warning("bf16_emulated", note="no AVX512-BF16/AMX on this CPU; fp32 is faster")
+    if options.compile and not hasattr(torch, "compile"):
+        raise ConfigError("workers.inference.compile: this torch has no torch.compile")
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+class AcceleratedBackbone(LevelBackbone):
+    """``net`` run with :class:`InferenceOptions`: same levels, float32 NCHW features out."""
+
+    def __init__(self, net: LevelBackbone, options: InferenceOptions, device: torch.device):
+        super().__init__()
+        self.inner = net
+        self.levels = net.levels
+        self.options = options
+        self.device_type = device.type
+        self.memory_format = (
+            torch.channels_last if options.channels_last else torch.contiguous_format
+        )
+        self.autocast_dtype = _DTYPES.get(options.precision)
+        if options.channels_last:
+            # Documented (Module.to(memory_format=...)) but missing from torch's type stubs.
+            net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self._run: Any = net.forward_levels
+        if options.compile:
+            # Static sizes with only the batch left free: dynamic=True makes every size
+            # symbolic (TF "SAME" padding then guards on each) and compiled >6 min here.
+            self._run = torch.compile(net.forward_levels, dynamic=False)
+
+    def forward_levels(self, x: Tensor, names: Sequence[str]) -> list[Tensor]:
+        """Feature maps at ``names`` as float32 in the standard (NCHW) layout."""
+        x = x.contiguous(memory_format=self.memory_format)
+        if self.options.compile:
+            torch._dynamo.maybe_mark_dynamic(x, 0)  # one graph for every batch size > 1
+        with torch.autocast(
+            self.device_type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
+            feats: list[Tensor] = self._run(x, tuple(names))
+        # The heads expect what the fp32 eager backbone gives: float32, NCHW-contiguous.
+        return [f.float().contiguous() for f in feats]
+
+
+def apply_options(scorer: _HasBackbone, options: InferenceOptions) -> None:
+    """Run ``scorer``'s backbone with ``options`` (in place); compiles at once if asked.
+
+    Options are set once, right after :meth:`Scorer.load`; applying options to a scorer that
+    runs with some already is refused. Options that ``scorer.device`` cannot run are a
+    :class:`ConfigError` naming the setting. fp32 without ``channels_last`` or ``compile``
+    leaves the scorer as it was loaded.
+    """
+    check_options(options, scorer.device)
+    backbone = scorer.backbone
+    if backbone is None or options == InferenceOptions(
+        precision="fp32", channels_last=False, compile=False
+    ):
+        return
+    if isinstance(backbone.net, AcceleratedBackbone):
+        raise ConfigError("inference options are already applied to this scorer")
+    backbone.net = AcceleratedBackbone(backbone.net, options, scorer.device)
+    if options.compile:
+        _compile_now(backbone, scorer.size, scorer.device)
+    log.info(
+        "inference_options",
+        precision=options.precision,
+        channels_last=options.channels_last,
+        compile=options.compile,
+        device=str(scorer.device),
+    )
+
+
+def _compile_now(backbone: FeatureExtractor, size: int, device: torch.device) -> None:
+    """Compile now, on dummy batches, instead of on the line's first frames.
+
+    Two graphs: batches of two and more share one; a batch of one is a graph of its own
+    (torch specialises sizes 0 and 1).
+    """
+    try:
+        with torch.inference_mode():
+            for batch in (2, 1):
+                backbone(torch.zeros(batch, 3, size, size, device=device))
+    except Exception as exc:  # inductor failures come from many layers; all mean "cannot"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"workers.inference.compile: torch.compile failed on this machine ({first}); "
+            "set compile = false"
+        ) from exc

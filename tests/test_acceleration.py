@@ -1,0 +1,120 @@
+"""Inference options: parsed and refused clearly, scores kept, applied by the line's loader.
+
+Tolerances are measured, not invented (``bench/README.md``, "Inference options on CPU"):
+channels_last gave bit-identical scores; bf16 moved scores by up to 30 % of the operating
+threshold on magnetic-tile val (median 4 %) and by up to 22 % on the tiny model of these tests,
+and an image's bf16 score did not depend on its batch (within 1e-6).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from linewatch.config import InferenceOptions, LineConfig, validate_config
+from linewatch.data.images import read_image
+from linewatch.data.mvtec import MVTecDataset
+from linewatch.errors import ConfigError
+from linewatch.inference.worker import load_line_scorer
+from linewatch.model.acceleration import AcceleratedBackbone, apply_options
+from linewatch.model.scorer import BackboneOnlyScorer, Scorer
+
+torch.set_num_threads(1)
+
+
+def _config(model: Path, **inference: object) -> LineConfig:
+    return validate_config({
+        "line": "acc",
+        "cameras": [{"id": "cam0", "source": {"kind": "synth"}}],
+        "workers": {"device": "cpu", "inference": inference},
+        "model": {"path": str(model)},
+    })
+
+
+@pytest.fixture(scope="module")
+def frames(tiny_line_model: tuple[Path, Path]) -> list[np.ndarray]:
+    data, _ = tiny_line_model
+    return [read_image(s.path) for s in MVTecDataset(data).samples("test")][:8]
+
+
+def _scores(model: Path, frames: list[np.ndarray], batch: int, **options: object) -> np.ndarray:
+    scorer = Scorer.load(model, device="cpu")
+    apply_options(scorer, InferenceOptions.model_validate(options))
+    starts = range(0, len(frames), batch)
+    return np.concatenate([scorer.score_batch(frames[i : i + batch]).scores for i in starts])
+
+
+def test_defaults_are_fp32_eager_and_options_parse(tiny_line_model: tuple[Path, Path]) -> None:
+    default = _config(tiny_line_model[1]).workers.inference
+    assert (default.precision, default.compile) == ("fp32", False)
+    chosen = _config(tiny_line_model[1], precision="bf16", channels_last=True).workers.inference
+    assert (chosen.precision, chosen.channels_last) == ("bf16", True)
+
+
+@pytest.mark.parametrize(
+    ("inference", "named"),
+    [
+        ({"precision": "int8"}, "workers.inference.precision"),
+        ({"channels_last": "sometimes"}, "workers.inference.channels_last"),
+        ({"backend": "tensorrt"}, "workers.inference.backend: unknown key"),
+    ],
+)
+def test_bad_options_are_one_line_errors_naming_the_key(
+    tiny_line_model: tuple[Path, Path], inference: dict[str, object], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named):
+        _config(tiny_line_model[1], **inference)
+
+
+def test_fp16_on_a_cpu_is_refused_at_load(tiny_line_model: tuple[Path, Path]) -> None:
+    config = _config(tiny_line_model[1], precision="fp16")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        load_line_scorer(config)
+
+
+def test_channels_last_keeps_scores(
+    tiny_line_model: tuple[Path, Path], frames: list[np.ndarray]
+) -> None:
+    model = tiny_line_model[1]
+    reference = _scores(model, frames, 4)
+    np.testing.assert_allclose(_scores(model, frames, 4, channels_last=True), reference,
+                               rtol=0, atol=1e-5)
+
+
+def test_bf16_scores_stay_near_fp32_and_do_not_depend_on_the_batch(
+    tiny_line_model: tuple[Path, Path], frames: list[np.ndarray]
+) -> None:
+    model = tiny_line_model[1]
+    reference = _scores(model, frames, 4)
+    batched = _scores(model, frames, 4, precision="bf16", channels_last=True)
+    alone = _scores(model, frames, 1, precision="bf16", channels_last=True)
+    threshold = Scorer.load(model, device="cpu").threshold()
+    assert np.abs(batched - reference).max() <= 0.5 * threshold
+    assert not np.array_equal(batched, reference)  # it did run in bf16
+    np.testing.assert_allclose(alone, batched, rtol=0, atol=1e-4)
+
+
+def test_the_line_loads_its_scorer_with_the_configured_options(
+    tiny_line_model: tuple[Path, Path], frames: list[np.ndarray]
+) -> None:
+    model = tiny_line_model[1]
+    scorer = load_line_scorer(_config(model, channels_last=True))
+    assert isinstance(scorer, Scorer) and scorer.backbone is not None
+    assert isinstance(scorer.backbone.net, AcceleratedBackbone)
+    assert scorer.backbone.net.options.channels_last
+    np.testing.assert_allclose(scorer.score_batch(frames[:4]).scores, _scores(model, frames[:4], 4),
+                               rtol=0, atol=1e-5)
+
+
+def test_options_are_applied_once_and_fit_the_backbone_only_scorer(
+    tiny_line_model: tuple[Path, Path], frames: list[np.ndarray]
+) -> None:
+    scorer = BackboneOnlyScorer.load(tiny_line_model[1], device="cpu")
+    options = InferenceOptions(channels_last=True)
+    apply_options(scorer, options)
+    assert len(scorer.score_batch(frames[:2]).maps) == 2
+    with pytest.raises(ConfigError, match="already applied"):
+        apply_options(scorer, options)
