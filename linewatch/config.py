@@ -207,7 +207,11 @@ class WorkersConfig(_Strict):
     """Batched inference workers."""
 
     count: int = Field(2, ge=1, le=64)
-    max_batch: int = Field(8, ge=1, le=256)
+    max_batch: int | None = Field(
+        None, ge=1, le=256,
+        description="frames per batch at most; default 8 on CUDA, 1 on a CPU, where a batch "
+        "costs more per image than single frames (linewatch bench)",
+    )
     max_wait_ms: float = Field(
         0.0, ge=0, description="extra wait to fill a batch; 0 = batch what queued meanwhile"
     )
@@ -222,6 +226,14 @@ class WorkersConfig(_Strict):
     tile_size: int | None = Field(None, ge=32, description="tile frames larger than this")
     tile_overlap: int = Field(32, ge=0)
     inference: InferenceOptions = InferenceOptions()
+
+    def batch_limit(self, device_type: str) -> int:
+        """``max_batch``, or its default for a worker whose model runs on ``device_type``."""
+        if self.max_batch is not None:
+            return self.max_batch
+        # Measured (bench/README.md): EfficientNet-Lite0 at 256 x 256 on one CPU thread takes
+        # 22 ms for one image and 53 ms per image in a batch of 8; on a GPU batches pay.
+        return 8 if device_type == "cuda" else 1
     # Fault injection (linewatch faults and its tests); leave unset on a real line.
     inject_delay_ms: float = Field(
         0.0, ge=0, description="fault injection: sleep this long before scoring each batch"

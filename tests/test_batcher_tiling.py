@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from linewatch.config import RoiConfig
+from linewatch.config import RoiConfig, WorkersConfig
 from linewatch.errors import LinewatchError
 from linewatch.inference.batcher import DynamicBatcher
 from linewatch.inference.tiling import crop_roi, cut_tiles, stitch_maps, tile_grid
@@ -51,6 +51,13 @@ def test_empty_batcher_has_nothing_due() -> None:
     batcher = DynamicBatcher(max_batch=2, max_wait_ms=1)
     assert batcher.due_in_ms(0) is None
     assert batcher.take(0, force=True) == []
+
+
+def test_batch_limit_defaults_to_single_frames_on_cpu_and_8_on_cuda() -> None:
+    assert WorkersConfig().batch_limit("cpu") == 1
+    assert WorkersConfig().batch_limit("cuda") == 8
+    assert WorkersConfig(max_batch=4).batch_limit("cpu") == 4
+    assert WorkersConfig(max_batch=4).batch_limit("cuda") == 4
 
 
 def test_tiles_cover_frame_and_stitch_back() -> None:

@@ -45,7 +45,7 @@ import numpy as np
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
-from linewatch.config import load_config
+from linewatch.config import WorkersConfig, load_config
 from linewatch.errors import LinewatchError
 from linewatch.log import get_logger
 from linewatch.runtime.line import LineRunner, preflight
@@ -85,13 +85,21 @@ class PipelinePlan(_Frozen):
     warmup_s: float = Field(2.0, ge=0, description="first part of each run, not measured")
     frame_size: int = Field(256, ge=32, description="side of the square synth frames")
     workers: int = Field(2, ge=1)
-    max_batch: int = Field(8, ge=1)
+    max_batch: int | None = Field(None, ge=1, description="default: the line's (workers.max_batch)")
     max_wait_ms: float = Field(0.0, ge=0)
     deadline_ms: float = Field(
         5000.0, gt=0, description="verdict deadline; a frame past it is a fail-safe reject"
     )
     device: str = "auto"
     model: Path
+
+    @property
+    def batch_limit(self) -> int:
+        """Frames per batch at most, as the line's workers resolve it on this machine."""
+        from linewatch.model.scorer import resolve_device
+
+        workers = WorkersConfig(max_batch=self.max_batch)
+        return workers.batch_limit(resolve_device(self.device).type)
 
     @property
     def frames_per_camera(self) -> int:
@@ -226,7 +234,7 @@ def summarise_run(
     # dict keys keep one entry per batch (its frames share start, end and size), in order
     batches = {(cast(int, w.verdict.ts_infer_start_ns), cast(int, w.verdict.ts_infer_end_ns),
                 w.verdict.batch_size or 1): None for w in scored}
-    full_ms, full_source = _full_batch_ms(batches, plan.max_batch)
+    full_ms, full_source = _full_batch_ms(batches, plan.batch_limit)
     overhead = scored_latency - model
     stages = _overhead_stages(scored)
     stats = LatencyStats.of(latency)
@@ -299,7 +307,7 @@ results_endpoint = "ipc://{run_dir}/results"
 
 [workers]
 count = {plan.workers}
-max_batch = {plan.max_batch}
+max_batch = {plan.batch_limit}
 max_wait_ms = {plan.max_wait_ms}
 device = "{plan.device}"
 scorer = "{scorer}"

@@ -110,6 +110,8 @@ class InferenceWorker:
     load_scorer: Callable[[Path], ScorerLike] | None = None  # for hot reload
     index: int = 0
     """Worker index in the line (``linewatch infer --worker``)."""
+    max_batch: int | None = None
+    """Frames per batch at most (default: ``workers.max_batch`` or its CPU default)."""
     _batcher: DynamicBatcher = field(init=False)
     _watcher: ModelWatcher = field(init=False)
     frames_scored: int = 0
@@ -118,7 +120,8 @@ class InferenceWorker:
 
     def __post_init__(self) -> None:
         workers = self.config.workers
-        self._batcher = DynamicBatcher(workers.max_batch, workers.max_wait_ms)
+        limit = self.max_batch or workers.batch_limit("cpu")
+        self._batcher = DynamicBatcher(limit, workers.max_wait_ms)
         self._watcher = ModelWatcher(self.config.model.path, self.config.model.reload_check_s)
 
     @property
@@ -286,6 +289,7 @@ def run_inference_worker(config: LineConfig, index: int) -> dict[str, int]:
     import torch
 
     from linewatch.lifecycle import run_until_signalled
+    from linewatch.model.scorer import resolve_device
     from linewatch.transport.worker_link import WorkerLink
 
     workers = config.workers
@@ -294,8 +298,10 @@ def run_inference_worker(config: LineConfig, index: int) -> dict[str, int]:
         log.warning("worker_backbone_only", worker=index, note="every part passes; bench only")
     worker_id = f"{config.line}-w{index}"
     scorer = load_line_scorer(config)
-    with WorkerLink(config.transport, worker_id, workers.max_batch) as link:
+    max_batch = workers.batch_limit(resolve_device(workers.device).type)
+    with WorkerLink(config.transport, worker_id, max_batch) as link:
         worker = InferenceWorker(config, worker_id, scorer, link,
-                                 load_scorer=scorer_loader(config), index=index)
+                                 load_scorer=scorer_loader(config), index=index,
+                                 max_batch=max_batch)
         stats: dict[str, int] = run_until_signalled(worker)
     return stats

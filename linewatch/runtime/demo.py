@@ -111,7 +111,6 @@ results_endpoint = "ipc://{ipc}-results"
 
 [workers]
 count = 2
-max_batch = 8
 max_wait_ms = 0.0
 device = "auto"
 
