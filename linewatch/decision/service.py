@@ -83,7 +83,10 @@ from linewatch.wire import (
 
 log = get_logger("decision")
 
-_RECEIVE_BATCH = 1000  # messages taken per wake-up before deadlines are checked again
+# Messages decided per wake-up before their verdicts are written (one Redis round trip)
+# and deadlines are checked again: enough to carry a batch from each worker, few enough
+# that under a backlog the first of them is not held back by hundreds of others.
+_RECEIVE_BATCH = 32
 _STATS_EVERY_S = 60.0
 
 # Fail-safe reason of a frame still pending below a held one when the service stops:
