@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from linewatch.bench.report import BenchReport
+from linewatch.cli import main
 from linewatch.config import InferenceOptions, LineConfig, validate_config
 from linewatch.data.images import read_image
 from linewatch.data.mvtec import MVTecDataset
@@ -118,3 +120,19 @@ def test_options_are_applied_once_and_fit_the_backbone_only_scorer(
     assert len(scorer.score_batch(frames[:2]).maps) == 2
     with pytest.raises(ConfigError, match="already applied"):
         apply_options(scorer, options)
+
+
+def test_bench_runs_the_model_with_the_options_of_its_flags(
+    tmp_path: Path, tiny_line_model: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    flags = ["--log-level", "warning", "bench", "--device", "cpu", "--only", "model",
+             "--model", str(tiny_line_model[1]), "--sizes", "64", "--batches", "2",
+             "--tiled-frame", "0", "--repeats", "1", "--warmup", "0"]
+    assert main([*flags, "--precision", "bf16", "--channels-last", "--json", str(out)]) == 0
+    report = BenchReport.model_validate_json(out.read_text())
+    assert report.model is not None
+    assert report.model.inference == InferenceOptions(precision="bf16", channels_last=True)
+    assert "--precision bf16 --channels-last --no-compile" in report.command
+    assert main([*flags, "--precision", "fp16"]) != 0
+    assert "fp16 needs a CUDA device" in capsys.readouterr().err

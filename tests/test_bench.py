@@ -121,7 +121,7 @@ TOP_KEYS = {"command", "machine", "seconds", "model", "pipeline"}
 MACHINE_KEYS = {"date", "host", "cpu", "cores", "load_average", "python", "torch",
                 "torch_threads", "device", "gpu", "linewatch"}
 MODEL_KEYS = {"device", "torch_threads", "per_size_models", "models", "warmup", "repeats",
-              "memory", "rows"}
+              "memory", "inference", "rows"}
 ROW_KEYS = {"frame_size", "model_size", "tiles_per_frame", "batch", "ms_per_batch",
             "ms_per_image", "images_per_s", "backbone_ms_per_batch", "scorer_over_backbone",
             "stages_ms", "peak_memory_mb", "memory_before_mb"}

@@ -31,11 +31,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from linewatch import __version__
-from linewatch.config import WorkersConfig
+from linewatch.config import InferenceOptions, WorkersConfig
 from linewatch.errors import LinewatchError, ModelFileError
 from linewatch.inference.tiling import cut_tiles, tile_grid
 from linewatch.inference.worker import score_tiled
 from linewatch.log import get_logger
+from linewatch.model.acceleration import apply_options
 from linewatch.model.preprocess import preprocess_batch
 from linewatch.model.scorer import ScoreBatch, Scorer
 
@@ -75,6 +76,9 @@ class ModelBenchPlan(_Frozen):
     repeats: int = Field(3, ge=1, description="timed calls per row; the median is reported")
     device: str = "auto"
     model: Path | None = Field(None, description="one model for every size; None = per size")
+    inference: InferenceOptions = Field(
+        default_factory=InferenceOptions, description="how the scorers run their backbone"
+    )
 
 
 class ModelRow(_Frozen):
@@ -116,6 +120,9 @@ class ModelBench(_Frozen):
     warmup: int
     repeats: int
     memory: Literal["rss_peak", "cuda_max_allocated"]
+    inference: InferenceOptions = Field(
+        default_factory=InferenceOptions, description="precision, layout, compile of the runs"
+    )
     rows: list[ModelRow]
 
 
@@ -318,12 +325,16 @@ class _StageScorer:
 
 
 def _load_scorers(plan: ModelBenchPlan, cache: Path) -> dict[int, Scorer]:
-    """A loaded scorer per model input size the plan needs (one when ``plan.model``)."""
+    """A loaded scorer per model input size the plan needs (one when ``plan.model``), each
+    running its backbone with ``plan.inference``."""
     if plan.model is not None:
-        scorer = Scorer.load(plan.model, device=plan.device)
-        return {scorer.size: scorer}
-    sizes = set(plan.sizes) | ({plan.tile} if plan.tiled_frame else set())
-    return {size: _load_bench_model(size, cache, plan.device) for size in sorted(sizes)}
+        loaded = [Scorer.load(plan.model, device=plan.device)]
+    else:
+        sizes = set(plan.sizes) | ({plan.tile} if plan.tiled_frame else set())
+        loaded = [_load_bench_model(size, cache, plan.device) for size in sorted(sizes)]
+    for scorer in loaded:
+        apply_options(scorer, plan.inference)
+    return {scorer.size: scorer for scorer in loaded}
 
 
 def _load_bench_model(size: int, cache: Path, device: str) -> Scorer:
@@ -370,5 +381,6 @@ def run_model_bench(plan: ModelBenchPlan, cache: Path) -> ModelBench:
         warmup=plan.warmup,
         repeats=plan.repeats,
         memory=memory.kind,
+        inference=plan.inference,
         rows=rows,
     )

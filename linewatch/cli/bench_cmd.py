@@ -5,6 +5,8 @@
     linewatch bench [--json OUT] [--device auto|cpu|cuda] [--model FILE] [--quick]
                     [--only model|pipeline] [--sizes 128 256 512] [--batches 1 4 8 16]
                     [--cameras 1 2 4] [--fps 10] [--seconds 6]
+                    [--precision fp32|bf16|fp16] [--channels-last | --no-channels-last]
+                    [--compile]
 
 Without ``--model`` every size is measured with a small model of that size, trained for one
 epoch on a synthetic set and cached (``~/.cache/linewatch/bench``). See ``bench/README.md``.
@@ -22,6 +24,7 @@ from linewatch.errors import ConfigError
 
 if TYPE_CHECKING:
     from linewatch.bench import ModelBenchPlan, PipelinePlan
+    from linewatch.config import InferenceOptions
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help="timed calls per row, median reported (default: 3)")
     model.add_argument("--warmup", type=int, default=None,
                        help="untimed calls before each row (default: 1)")
+    model.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                       help="backbone precision (default: workers.inference's, fp32)")
+    model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="backbone on NHWC tensors (default: workers.inference's)")
+    model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the backbone, at load (default: off)")
     line = p.add_argument_group("pipeline part")
     line.add_argument("--cameras", type=int, nargs="+", default=None, metavar="N",
                       help="camera counts, one line run each (default: 1 2 4)")
@@ -131,6 +140,7 @@ def _plans(
         model_plan = ModelBenchPlan(
             sizes=sizes, batches=batches, tiled_frame=args.tiled_frame or None, warmup=warmup,
             repeats=repeats, device=args.device, model=args.model,
+            inference=_inference(args),
         )
     if args.only in (None, "pipeline"):
         if args.model is None:
@@ -141,6 +151,15 @@ def _plans(
             model=pipeline_model(args.frame_size, args.model, cache),
         )
     return model_plan, pipeline_plan
+
+
+def _inference(args: argparse.Namespace) -> InferenceOptions:
+    """The workers' default inference options with the flags given on top."""
+    from linewatch.config import InferenceOptions
+
+    flags = {"precision": args.precision, "channels_last": args.channels_last,
+             "compile": args.compile}
+    return InferenceOptions(**{k: v for k, v in flags.items() if v is not None})
 
 
 def _command(args: argparse.Namespace, model_plan: ModelBenchPlan | None,
@@ -160,7 +179,9 @@ def _command(args: argparse.Namespace, model_plan: ModelBenchPlan | None,
         m = model_plan
         words += ["--sizes", *map(str, m.sizes), "--batches", *map(str, m.batches),
                   "--tiled-frame", str(m.tiled_frame or 0), "--repeats", str(m.repeats),
-                  "--warmup", str(m.warmup)]
+                  "--warmup", str(m.warmup), "--precision", m.inference.precision,
+                  "--channels-last" if m.inference.channels_last else "--no-channels-last",
+                  "--compile" if m.inference.compile else "--no-compile"]
     if pipeline_plan is not None:
         q = pipeline_plan
         words += ["--cameras", *map(str, q.cameras), "--fps", f"{q.fps:g}",
