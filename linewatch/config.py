@@ -189,6 +189,11 @@ class InferenceOptions(_Strict):
     leaving scores as they are (``bench/README.md``, "Inference options on CPU").
     """
 
+    backend: Literal["torch", "onnxruntime"] = Field(
+        "torch",
+        description="what runs the backbone: torch | onnxruntime (CPU, fp32; exported at "
+        "load; pip install 'linewatch[onnx]')",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
         description="backbone arithmetic: fp32 | bf16 (autocast; CPUs with AVX512-BF16/AMX, "

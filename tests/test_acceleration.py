@@ -8,6 +8,7 @@ and an image's bf16 score did not depend on its batch (within 1e-6).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,8 @@ def test_defaults_are_fp32_eager_and_options_parse(tiny_line_model: tuple[Path, 
     [
         ({"precision": "int8"}, "workers.inference.precision"),
         ({"channels_last": "sometimes"}, "workers.inference.channels_last"),
-        ({"backend": "tensorrt"}, "workers.inference.backend: unknown key"),
+        ({"backend": "tensorrt"}, "workers.inference.backend"),
+        ({"engine": "tensorrt"}, "workers.inference.engine: unknown key"),
     ],
 )
 def test_bad_options_are_one_line_errors_naming_the_key(
@@ -97,6 +99,36 @@ def test_bf16_scores_stay_near_fp32_and_do_not_depend_on_the_batch(
     assert np.abs(batched - reference).max() <= 0.5 * threshold
     assert not np.array_equal(batched, reference)  # it did run in bf16
     np.testing.assert_allclose(alone, batched, rtol=0, atol=1e-4)
+
+
+def test_onnxruntime_keeps_scores_and_batch_invariance(
+    tiny_line_model: tuple[Path, Path], frames: list[np.ndarray]
+) -> None:
+    pytest.importorskip("onnxruntime", reason="optional: pip install 'linewatch[onnx]'")
+    model = tiny_line_model[1]
+    reference = _scores(model, frames, 4)
+    batched = _scores(model, frames, 4, backend="onnxruntime")
+    np.testing.assert_allclose(batched, reference, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(_scores(model, frames, 1, backend="onnxruntime"), batched,
+                               rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("options", [{"precision": "bf16"}, {"compile": True}])
+def test_onnxruntime_refuses_what_it_does_not_run(
+    tiny_line_model: tuple[Path, Path], options: dict[str, object]
+) -> None:
+    config = _config(tiny_line_model[1], backend="onnxruntime", **options)
+    with pytest.raises(ConfigError, match="onnxruntime runs fp32 without compile"):
+        load_line_scorer(config)
+
+
+def test_onnxruntime_missing_is_a_one_line_error_saying_what_to_install(
+    tiny_line_model: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    missing = r"onnxruntime is not installed; pip install 'linewatch\[onnx\]'"
+    with pytest.raises(ConfigError, match=missing):
+        load_line_scorer(_config(tiny_line_model[1], backend="onnxruntime"))
 
 
 def test_the_line_loads_its_scorer_with_the_configured_options(

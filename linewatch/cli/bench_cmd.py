@@ -5,8 +5,8 @@
     linewatch bench [--json OUT] [--device auto|cpu|cuda] [--model FILE] [--quick]
                     [--only model|pipeline] [--sizes 128 256 512] [--batches 1 4 8 16]
                     [--cameras 1 2 4] [--fps 10] [--seconds 6]
-                    [--precision fp32|bf16|fp16] [--channels-last | --no-channels-last]
-                    [--compile]
+                    [--backend torch|onnxruntime] [--precision fp32|bf16|fp16]
+                    [--channels-last | --no-channels-last] [--compile]
 
 Without ``--model`` every size is measured with a small model of that size, trained for one
 epoch on a synthetic set and cached (``~/.cache/linewatch/bench``). See ``bench/README.md``.
@@ -75,6 +75,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help="timed calls per row, median reported (default: 3)")
     model.add_argument("--warmup", type=int, default=None,
                        help="untimed calls before each row (default: 1)")
+    model.add_argument("--backend", choices=["torch", "onnxruntime"], default=None,
+                       help="what runs the backbone (default: workers.inference's, torch)")
     model.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                        help="backbone precision (default: workers.inference's, fp32)")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -157,8 +159,8 @@ def _inference(args: argparse.Namespace) -> InferenceOptions:
     """The workers' default inference options with the flags given on top."""
     from linewatch.config import InferenceOptions
 
-    flags = {"precision": args.precision, "channels_last": args.channels_last,
-             "compile": args.compile}
+    flags = {"backend": args.backend, "precision": args.precision,
+             "channels_last": args.channels_last, "compile": args.compile}
     return InferenceOptions(**{k: v for k, v in flags.items() if v is not None})
 
 
@@ -179,7 +181,8 @@ def _command(args: argparse.Namespace, model_plan: ModelBenchPlan | None,
         m = model_plan
         words += ["--sizes", *map(str, m.sizes), "--batches", *map(str, m.batches),
                   "--tiled-frame", str(m.tiled_frame or 0), "--repeats", str(m.repeats),
-                  "--warmup", str(m.warmup), "--precision", m.inference.precision,
+                  "--warmup", str(m.warmup), "--backend", m.inference.backend,
+                  "--precision", m.inference.precision,
                   "--channels-last" if m.inference.channels_last else "--no-channels-last",
                   "--compile" if m.inference.compile else "--no-compile"]
     if pipeline_plan is not None:

@@ -31,7 +31,10 @@ of eight differed by at most 2e-6 (fp32, channels_last, bf16; magnetic-tile val)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -42,7 +45,13 @@ from linewatch.errors import ConfigError
 from linewatch.log import get_logger
 from linewatch.model.backbone import FeatureExtractor, LevelBackbone
 
-__all__ = ["AcceleratedBackbone", "InferenceOptions", "apply_options", "check_options"]
+__all__ = [
+    "AcceleratedBackbone",
+    "InferenceOptions",
+    "OnnxRuntimeLevels",
+    "apply_options",
+    "check_options",
+]
 
 log = get_logger("acceleration")
 
@@ -77,6 +86,18 @@ def check_options(options: InferenceOptions, device: torch.device) -> None:
         log.warning("bf16_emulated", note="no AVX512-BF16/AMX on this CPU; fp32 is faster")
     if options.compile and not hasattr(torch, "compile"):
         raise ConfigError("workers.inference.compile: this torch has no torch.compile")
+    if options.backend == "onnxruntime":
+        _check_onnxruntime(options, device)
+
+
+def _check_onnxruntime(options: InferenceOptions, device: torch.device) -> None:
+    """ONNX Runtime runs the fp32 backbone on a CPU; anything else is a one-line error."""
+    if device.type != "cpu":
+        raise ConfigError("workers.inference.backend onnxruntime runs on a CPU; on "
+                          f"{device.type} use backend torch")
+    if options.precision != "fp32" or options.compile:
+        raise ConfigError("workers.inference.backend onnxruntime runs fp32 without compile; "
+                          "set precision = \"fp32\" and compile = false")
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -85,23 +106,35 @@ def _cpu_has_fast_bf16() -> bool:
     return bool(probe()) if probe is not None else False
 
 
-class AcceleratedBackbone(LevelBackbone):
-    """``net`` run with :class:`InferenceOptions`: same levels, float32 NCHW features out."""
+Levels = Callable[[Tensor, tuple[str, ...]], list[Tensor]]
 
-    def __init__(self, net: LevelBackbone, options: InferenceOptions, device: torch.device):
+
+class AcceleratedBackbone(LevelBackbone):
+    """``net`` run with :class:`InferenceOptions`: same levels, float32 NCHW features out.
+
+    ``run`` (for another backend) replaces ``net.forward_levels``; layout, autocast and
+    compile then do not apply.
+    """
+
+    def __init__(
+        self,
+        net: LevelBackbone,
+        options: InferenceOptions,
+        device: torch.device,
+        run: Levels | None = None,
+    ) -> None:
         super().__init__()
         self.inner = net
         self.levels = net.levels
         self.options = options
         self.device_type = device.type
-        self.memory_format = (
-            torch.channels_last if options.channels_last else torch.contiguous_format
-        )
+        channels_last = options.channels_last and run is None
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.autocast_dtype = _DTYPES.get(options.precision)
-        if options.channels_last:
+        if channels_last:
             # Documented (Module.to(memory_format=...)) but missing from torch's type stubs.
             net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self._run: Any = net.forward_levels
+        self._run: Any = net.forward_levels if run is None else run
         if options.compile:
             # Static sizes with only the batch left free: dynamic=True makes every size
             # symbolic (TF "SAME" padding then guards on each) and compiled >6 min here.
@@ -138,11 +171,17 @@ def apply_options(scorer: _HasBackbone, options: InferenceOptions) -> None:
         return
     if isinstance(backbone.net, AcceleratedBackbone):
         raise ConfigError("inference options are already applied to this scorer")
-    backbone.net = AcceleratedBackbone(backbone.net, options, scorer.device)
+    run = OnnxRuntimeLevels(backbone, scorer.size) if options.backend == "onnxruntime" else None
+    backbone.net = AcceleratedBackbone(backbone.net, options, scorer.device, run)
     if options.compile:
         _compile_now(backbone, scorer.size, scorer.device)
+    if options.precision != "fp32":
+        log.warning("reduced_precision_scores", precision=options.precision,
+                    note="scores move (magnetic-tile: up to 30 % of the threshold); "
+                         "thresholds calibrated in fp32 may not fit")
     log.info(
         "inference_options",
+        backend=options.backend,
         precision=options.precision,
         channels_last=options.channels_last,
         compile=options.compile,
@@ -166,3 +205,57 @@ def _compile_now(backbone: FeatureExtractor, size: int, device: torch.device) ->
             f"workers.inference.compile: torch.compile failed on this machine ({first}); "
             "set compile = false"
         ) from exc
+
+
+class OnnxRuntimeLevels:
+    """A backbone's feature levels computed by ONNX Runtime from its ONNX export.
+
+    Exported at load, in memory, for ``size`` x ``size`` inputs with a free batch dimension
+    (under a second for EfficientNet-Lite0). ORT uses as many threads as torch does (the
+    worker sets them before loading) and sleeps instead of spinning between calls, so idle
+    workers leave the cores to the busy ones.
+    """
+
+    def __init__(self, backbone: FeatureExtractor, size: int) -> None:
+        ort = _import_onnxruntime()
+        self.names = tuple(backbone.level_names)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(
+            _export_onnx(backbone, size, self.names), opts, providers=["CPUExecutionProvider"]
+        )
+
+    def __call__(self, x: Tensor, names: tuple[str, ...]) -> list[Tensor]:
+        """Feature maps at ``names`` (the levels exported) for a normalised CPU batch."""
+        if names != self.names:
+            raise ValueError(f"exported levels {self.names}, asked for {names}")
+        out = self.session.run(None, {"x": x.contiguous().numpy()})
+        return [torch.from_numpy(level) for level in out]
+
+
+def _import_onnxruntime() -> Any:
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export needs it)
+        import onnxruntime
+    except ImportError as exc:
+        raise ConfigError(
+            f"workers.inference.backend onnxruntime: {exc.name} is not installed; "
+            "pip install 'linewatch[onnx]'"
+        ) from None
+    return onnxruntime
+
+
+def _export_onnx(backbone: FeatureExtractor, size: int, names: tuple[str, ...]) -> bytes:
+    """``backbone`` as an ONNX model (bytes) with a dynamic batch dimension."""
+    outputs = [f"level_{name}" for name in names]
+    dynamic = {name: {0: "batch"} for name in ["x", *outputs]}
+    with tempfile.TemporaryDirectory(prefix="linewatch-onnx-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes are for model authors
+        path = Path(tmp) / "backbone.onnx"
+        torch.onnx.export(
+            backbone, (torch.zeros(2, 3, size, size),), path, dynamo=False,
+            input_names=["x"], output_names=outputs, dynamic_axes=dynamic, opset_version=17,
+        )
+        return path.read_bytes()
