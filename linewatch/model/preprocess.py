@@ -33,7 +33,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from linewatch.errors import DataError
 from linewatch.model.backbone import TF_LITE_MEAN, TF_LITE_STD, get_backbone_spec
 
-__all__ = ["AugmentConfig", "PreprocessConfig", "augment", "content_box", "preprocess_batch"]
+__all__ = [
+    "AugmentConfig",
+    "ExposureJitter",
+    "PreprocessConfig",
+    "augment",
+    "content_box",
+    "jitter_exposure",
+    "preprocess_batch",
+]
 
 Illumination = Literal["none", "lcn", "homomorphic"]
 Triple = tuple[float, float, float]
@@ -111,6 +119,68 @@ class AugmentConfig(BaseModel):
     noise_sigma: float = Field(0.01, ge=0, description="Gaussian noise std on the [0, 1] scale")
     hflip: bool = False
     vflip: bool = False
+
+
+class ExposureJitter(BaseModel):
+    """Exposure drift of a line, simulated on good images for the normal statistics.
+
+    Each copy multiplies a good image by a gain (drawn log-uniformly, so halving and doubling
+    are equally likely) and adds an offset, then clips at the sensor's range, as a lamp that
+    ages, a shutter that drifts or a part that reflects more does. Gain and offset alone are
+    undone by the intensity standardisation; what the copies teach the memory is the clipped
+    and partly clipped texture a real over- or under-exposure leaves behind.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    copies: int = Field(2, ge=0, description="jittered copies per good image; 0 = off")
+    gain: tuple[float, float] = Field(
+        (0.8, 1.5), description="gain range, drawn log-uniformly (brighter more than darker)"
+    )
+    offset: tuple[float, float] = Field(
+        (-0.05, 0.10), description="offset range on the [0, 1] scale"
+    )
+
+    @field_validator("gain", "offset")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] > v[1]:
+            raise ValueError(f"range must be (low, high), got {v}")
+        return v
+
+    @field_validator("gain")
+    @classmethod
+    def _positive_gain(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] <= 0:
+            raise ValueError(f"gain must be positive, got {v}")
+        return v
+
+
+def jitter_exposure(
+    images: Sequence[np.ndarray], rng: np.random.Generator, cfg: ExposureJitter
+) -> list[np.ndarray]:
+    """One exposure-jittered copy of each camera image, in its dtype (:class:`ExposureJitter`).
+
+    The result stays ``uint8`` / ``uint16`` so it takes the runtime path of a real frame:
+    the clipped-plateau detection and the impulse filter see it as they would see a camera
+    frame. The draws come only from ``rng``.
+
+    >>> img = np.array([[100, 200]], np.uint8)
+    >>> double = ExposureJitter(gain=(2, 2), offset=(0, 0))
+    >>> jitter_exposure([img], np.random.default_rng(0), double)[0]
+    array([[200, 255]], dtype=uint8)
+    """
+    out = []
+    lo, hi = np.log(cfg.gain[0]), np.log(cfg.gain[1])
+    for i, image in enumerate(images):
+        if image.dtype not in _FULL_SCALE:
+            raise DataError(f"image {i}: exposure jitter needs uint8 or uint16, got {image.dtype}")
+        full = _FULL_SCALE[image.dtype]
+        gain = np.float32(np.exp(rng.uniform(lo, hi)))
+        offset = np.float32(rng.uniform(*cfg.offset) * full)
+        x = image.astype(np.float32) * gain + offset
+        out.append(np.rint(np.clip(x, 0.0, full)).astype(image.dtype))
+    return out
 
 
 def content_box(image_hw: tuple[int, int], cfg: PreprocessConfig) -> tuple[int, int, int, int]:

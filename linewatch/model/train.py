@@ -9,16 +9,18 @@ heads. Order of work, so that a bad input fails in seconds, not after an hour:
 3. train the heads, with early stopping on the ``val/good`` reconstruction loss (or on a
    held-out share of ``train`` when there is no ``val``), a checkpoint every epoch and
    ``resume`` from it;
-4. build the memory bank, fit the per-term normalisation on the good held-out images,
+4. build the memory bank (on the training images plus exposure-jittered copies, see
+   :func:`exposure_batches`), fit the per-term normalisation on the good held-out images,
    write the model file, and calibrate thresholds when ``val`` holds defective images.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ from linewatch.model.modelfile import (
     load_model_file,
     save_model_file,
 )
-from linewatch.model.preprocess import AugmentConfig, augment
+from linewatch.model.preprocess import AugmentConfig, augment, jitter_exposure
 from linewatch.model.sagan import (
     attention_mask,
     disc_loss,
@@ -65,6 +67,7 @@ __all__ = [
     "TrainData",
     "TrainReport",
     "build_cache",
+    "exposure_batches",
     "prepare_data",
     "train",
     "train_on_cache",
@@ -593,7 +596,8 @@ def train(
         config,
         progress,
     )
-    finish_model(model, d.train_cache, ts.seed)
+    jittered = exposure_batches(d.fit_samples, settings, backbone, device, ts.seed)
+    finish_model(model, d.train_cache, ts.seed, extra_memory=jittered)
     scorer = Scorer(model, backbone, device)
     norm = fit_normalisation(scorer, d.hold_cache.batches(ts.batch, device), source="holdout")
     model.norm = norm
@@ -631,12 +635,24 @@ def _new_model(
     return model
 
 
-def finish_model(model: JointModel, train_cache: FeatureCache, seed: int, batch: int = 32) -> None:
+def finish_model(
+    model: JointModel,
+    train_cache: FeatureCache,
+    seed: int,
+    batch: int = 32,
+    extra_memory: Iterable[Prepared] = (),
+) -> None:
     """Fit the memory of normal features, the residual Gaussians, then the per-position term
     statistics, all on the un-augmented training images (see :meth:`FeatureCache.unaugmented`).
+
+    The memory also takes ``extra_memory``: views that are normal for the line but differ
+    photometrically, not geometrically (:func:`exposure_batches`). It is only consumed when
+    the model has a memory.
     """
     originals = train_cache.unaugmented()
-    _fit_memory(model, originals, seed, batch)
+    _fit_memory(
+        model, itertools.chain(originals.batches(batch, model_device(model)), extra_memory), seed
+    )
     _fit_residuals(model, originals, batch)
     fit_position_norm(model, originals, batch)
 
@@ -658,24 +674,59 @@ def _fit_residuals(model: JointModel, cache: FeatureCache, batch: int) -> None:
     log.info("residuals_fitted", levels=len(mdaae.level_channels))
 
 
-def _fit_memory(model: JointModel, train_cache: FeatureCache, seed: int, batch: int) -> None:
+def model_device(model: JointModel) -> torch.device:
+    """Where the model's buffers live (its memories and statistics are fitted there)."""
+    return model.pos_mean.device
+
+
+def _fit_memory(model: JointModel, batches: Iterable[Prepared], seed: int) -> None:
     s = model.settings
     memory = model.memory
     if memory is None or s.memory == "none" or model.mdaae is None:
         return
-    device = memory.mean.device
+    views = 0
 
     def phis() -> Iterator[Tensor]:
+        nonlocal views
         with torch.inference_mode():
-            for prep in train_cache.batches(batch, device):
-                yield model.memory_features(model(prep.x, prep.feats))
+            for prep in batches:
+                views += prep.x.shape[0]
+                yield model.memory_features(model(prep.x, prep.feats, ("mem",)))
 
     if s.memory == "gaussian":
         memory.fit_gaussian(phis(), s.gauss_eps)
     else:
         rows = [p.permute(0, 2, 3, 1).reshape(-1, p.shape[1]).cpu() for p in phis()]
         memory.fit_knn(torch.cat(rows), s.bank_size, s.bank_sampler, seed)
-    log.info("memory_fitted", kind=s.memory, views=len(train_cache))
+    log.info("memory_fitted", kind=s.memory, views=views)
+
+
+def exposure_batches(
+    samples: Sequence[Sample],
+    settings: ModelSettings,
+    backbone: FeatureExtractor | None,
+    device: torch.device,
+    seed: int,
+) -> Iterator[Prepared]:
+    """Exposure-jittered copies of ``samples`` (``settings.memory_exposure``), prepared.
+
+    A generator: images are read and the backbone runs only while the memory consumes it,
+    so a variant without a memory pays nothing and the copies are never held all at once.
+    The copies go through :func:`model_input` as camera frames would (impulse filter, clipped
+    plateaus, intensity standardisation). Draws come from their own stream of ``seed``.
+    """
+    cfg = settings.memory_exposure
+    if cfg.copies == 0 or backbone is None or settings.memory == "none":
+        return
+    rng = np.random.default_rng([seed, 1])
+    images = _load_images(samples)
+    for _ in range(cfg.copies):
+        for start in range(0, len(images), _EXTRACT_BATCH):
+            chunk = jitter_exposure(images[start : start + _EXTRACT_BATCH], rng, cfg)
+            x, regions = model_input(chunk, settings, device)
+            with torch.inference_mode():
+                feats = backbone(x)
+            yield Prepared(x=x, feats=feats, regions=regions)
 
 
 def fit_position_norm(model: JointModel, cache: FeatureCache, batch: int = 32) -> None:
