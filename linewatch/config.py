@@ -185,8 +185,9 @@ class InferenceOptions(_Strict):
     """How a loaded scorer runs its backbone (:mod:`linewatch.model.acceleration`).
 
     The heads always run in float32: reduced precision applies to the backbone, whose
-    features are handed on as float32. Defaults are what measured best on a CPU while
-    leaving scores as they are (``bench/README.md``, "Inference options on CPU").
+    features are handed on as float32. The defaults leave scores as they are and need
+    nothing beyond linewatch's dependencies; on a CPU, ``backend = "onnxruntime"`` measured
+    fastest with the same scores (``bench/README.md``, "Inference options on CPU").
     """
 
     backend: Literal["torch", "onnxruntime"] = Field(
@@ -200,11 +201,12 @@ class InferenceOptions(_Strict):
         "CUDA) | fp16 (CUDA only); moves scores, so recalibrate under it",
     )
     channels_last: bool = Field(
-        False, description="run the backbone on NHWC tensors (same numbers, faster on CPU)"
+        True, description="run the backbone on NHWC tensors (same scores, 1.1-1.7x on CPU)"
     )
     compile: bool = Field(
         False,
-        description="torch.compile the backbone; compiles at load (~15-60 s on a 2-core CPU)",
+        description="torch.compile the backbone at load (same scores; 2-37 s more per load "
+        "on a 2-core CPU, needs a C++ compiler)",
     )
 
 

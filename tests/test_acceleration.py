@@ -8,6 +8,7 @@ and an image's bf16 score did not depend on its batch (within 1e-6).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def _scores(model: Path, frames: list[np.ndarray], batch: int, **options: object
 
 def test_defaults_are_fp32_eager_and_options_parse(tiny_line_model: tuple[Path, Path]) -> None:
     default = _config(tiny_line_model[1]).workers.inference
-    assert (default.precision, default.compile) == ("fp32", False)
+    assert default == InferenceOptions(
+        backend="torch", precision="fp32", channels_last=True, compile=False
+    )
     chosen = _config(tiny_line_model[1], precision="bf16", channels_last=True).workers.inference
     assert (chosen.precision, chosen.channels_last) == ("bf16", True)
 
@@ -83,7 +86,7 @@ def test_channels_last_keeps_scores(
     tiny_line_model: tuple[Path, Path], frames: list[np.ndarray]
 ) -> None:
     model = tiny_line_model[1]
-    reference = _scores(model, frames, 4)
+    reference = _scores(model, frames, 4, channels_last=False)
     np.testing.assert_allclose(_scores(model, frames, 4, channels_last=True), reference,
                                rtol=0, atol=1e-5)
 
@@ -92,7 +95,7 @@ def test_bf16_scores_stay_near_fp32_and_do_not_depend_on_the_batch(
     tiny_line_model: tuple[Path, Path], frames: list[np.ndarray]
 ) -> None:
     model = tiny_line_model[1]
-    reference = _scores(model, frames, 4)
+    reference = _scores(model, frames, 4, channels_last=False)
     batched = _scores(model, frames, 4, precision="bf16", channels_last=True)
     alone = _scores(model, frames, 1, precision="bf16", channels_last=True)
     threshold = Scorer.load(model, device="cpu").threshold()
@@ -106,7 +109,7 @@ def test_onnxruntime_keeps_scores_and_batch_invariance(
 ) -> None:
     pytest.importorskip("onnxruntime", reason="optional: pip install 'linewatch[onnx]'")
     model = tiny_line_model[1]
-    reference = _scores(model, frames, 4)
+    reference = _scores(model, frames, 4, channels_last=False)
     batched = _scores(model, frames, 4, backend="onnxruntime")
     np.testing.assert_allclose(batched, reference, rtol=0, atol=1e-4)
     np.testing.assert_allclose(_scores(model, frames, 1, backend="onnxruntime"), batched,
@@ -131,16 +134,38 @@ def test_onnxruntime_missing_is_a_one_line_error_saying_what_to_install(
         load_line_scorer(_config(tiny_line_model[1], backend="onnxruntime"))
 
 
+@pytest.mark.skipif(
+    not os.environ.get("LINEWATCH_TEST_COMPILE"),
+    reason="torch.compile takes ~30 s on a 2-core CPU; run with LINEWATCH_TEST_COMPILE=1",
+)
+def test_compile_keeps_scores_for_every_batch_size(
+    tiny_line_model: tuple[Path, Path], frames: list[np.ndarray]
+) -> None:
+    if not hasattr(torch, "compile"):
+        pytest.skip("this torch has no torch.compile")
+    model = tiny_line_model[1]
+    reference = _scores(model, frames, 4, channels_last=False)
+    scorer = Scorer.load(model, device="cpu")
+    apply_options(scorer, InferenceOptions(compile=True))
+    for batch in (1, 3, 8):  # the two graphs compiled at load
+        got = np.concatenate([scorer.score_batch(frames[i : i + batch]).scores
+                              for i in range(0, len(frames), batch)])
+        np.testing.assert_allclose(got, reference, rtol=0, atol=1e-4)
+
+
 def test_the_line_loads_its_scorer_with_the_configured_options(
     tiny_line_model: tuple[Path, Path], frames: list[np.ndarray]
 ) -> None:
     model = tiny_line_model[1]
-    scorer = load_line_scorer(_config(model, channels_last=True))
-    assert isinstance(scorer, Scorer) and scorer.backbone is not None
-    assert isinstance(scorer.backbone.net, AcceleratedBackbone)
-    assert scorer.backbone.net.options.channels_last
-    np.testing.assert_allclose(scorer.score_batch(frames[:4]).scores, _scores(model, frames[:4], 4),
-                               rtol=0, atol=1e-5)
+    default = load_line_scorer(_config(model))
+    assert isinstance(default, Scorer) and default.backbone is not None
+    assert isinstance(default.backbone.net, AcceleratedBackbone)
+    assert default.backbone.net.options == InferenceOptions()
+    plain = load_line_scorer(_config(model, channels_last=False))
+    assert isinstance(plain, Scorer) and plain.backbone is not None
+    assert not isinstance(plain.backbone.net, AcceleratedBackbone)
+    np.testing.assert_allclose(default.score_batch(frames[:4]).scores,
+                               plain.score_batch(frames[:4]).scores, rtol=0, atol=1e-5)
 
 
 def test_options_are_applied_once_and_fit_the_backbone_only_scorer(

@@ -1,32 +1,38 @@
-"""How a loaded scorer runs its networks: precision, memory layout, compilation.
+"""How a loaded scorer runs its networks: backend, precision, memory layout, compilation.
 
 :func:`apply_options` changes how the frozen backbone of a loaded scorer computes, never what
-the scorer does with its features::
+the scorer does with its features; the line's loader applies ``workers.inference``::
 
     scorer = Scorer.load("line.lwm", device="cpu")
-    apply_options(scorer, InferenceOptions(channels_last=True, precision="bf16"))
+    apply_options(scorer, InferenceOptions(backend="onnxruntime"))
 
-- ``channels_last`` runs the backbone on NHWC tensors. The same arithmetic in another order
-  of memory: on the development CPU the features were bit-identical and the backbone ~10 %
-  faster (``bench/README.md``, "Inference options on CPU").
-- ``precision`` ``bf16`` / ``fp16`` runs the backbone under :func:`torch.autocast`. The
-  features go on to the heads as float32, because the Mahalanobis terms invert covariances
-  and need the range and resolution of float32. Reduced precision moves scores, so a model
-  served under it should be calibrated under it. ``fp16`` is CUDA only (CPUs have no fast
-  fp16 convolutions); ``bf16`` on a CPU needs AVX512-BF16 or AMX to be fast.
-- ``compile`` wraps the backbone's forward in :func:`torch.compile` and compiles it at load
-  on dummy batches (one graph for a batch of one, one for larger batches up to 15), so the
-  first frames of a line do not pay for it; a batch of 16 or more compiles once more on
-  first use. Each load compiles again (a hot-reloaded model too). A backbone that cannot
-  compile is a :class:`ConfigError`, not a fallback that silently runs slower than
-  configured.
+Measured on the development CPU (2 shared cores, 1 thread; ``bench/README.md``, "Inference
+options on CPU"), scorer time per batch against fp32 eager torch, and the largest score change
+on magnetic-tile val as a share of the operating threshold:
+
+- ``channels_last`` (default on): the backbone on NHWC tensors; 1.1-1.7x, scores unchanged
+  (bit-identical).
+- ``backend = "onnxruntime"``: the backbone exported to ONNX at load (under a second) and run
+  by ONNX Runtime on the CPU, fp32; 2.0-7.3x, scores within 1e-5. An optional dependency
+  (``pip install 'linewatch[onnx]'``), so not the default.
+- ``compile``: :func:`torch.compile` of the backbone, compiled at load on dummy batches (one
+  graph for a batch of one, one for 2 to 15; 16 and more compile once more on first use);
+  1.3-3.7x, scores within 1e-5, but 2-37 s more per load (each hot reload too) and a C++
+  compiler on the line PC.
+- ``precision = "bf16"``: the backbone under :func:`torch.autocast`; 1.7-4.5x with
+  ``channels_last`` on a CPU with AVX512-BF16, but scores move by up to 30 % of the
+  threshold (median 4 %; AUROC unchanged), so thresholds calibrated in fp32 do not fit it.
+  ``fp16`` is CUDA only. The features go on to the heads as float32 either way: the
+  Mahalanobis terms need float32's range and resolution.
 
 The heads (``scorer.model``) run as they are: they cost a fraction of the backbone (README,
 ``scorer_over_backbone``) and their memory-bank search runs image by image.
 
 The scorer's batch invariance holds under every option: an image scored alone and in a batch
-of eight differed by at most 2e-6 (fp32, channels_last, bf16; magnetic-tile val), and
-``tests/test_acceleration.py`` checks it within 1e-4 for bf16.
+of eight differed by at most 4e-6 on magnetic-tile val (317 images) with each of them.
+
+The CUDA paths (autocast fp16/bf16, channels_last, compile on a GPU) are written but have not
+run: the development machine has no GPU.
 """
 
 from __future__ import annotations
