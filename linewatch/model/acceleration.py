@@ -62,6 +62,9 @@ __all__ = [
 log = get_logger("acceleration")
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Options under which the backbone runs exactly as loaded: nothing to wrap.
+_AS_LOADED = InferenceOptions(backend="torch", precision="fp32", channels_last=False,
+                              compile=False)
 
 
 class _HasBackbone(Protocol):
@@ -90,8 +93,6 @@ def check_options(options: InferenceOptions, device: torch.device) -> None:
     if options.precision == "bf16" and device.type == "cpu" and not _cpu_has_fast_bf16():
         # Runs, but emulated: slower than fp32. Say so rather than refuse a working setting.
         log.warning("bf16_emulated", note="no AVX512-BF16/AMX on this CPU; fp32 is faster")
-    if options.compile and not hasattr(torch, "compile"):
-        raise ConfigError("workers.inference.compile: this torch has no torch.compile")
     if options.backend == "onnxruntime":
         _check_onnxruntime(options, device)
 
@@ -171,9 +172,7 @@ def apply_options(scorer: _HasBackbone, options: InferenceOptions) -> None:
     """
     check_options(options, scorer.device)
     backbone = scorer.backbone
-    if backbone is None or options == InferenceOptions(
-        precision="fp32", channels_last=False, compile=False
-    ):
+    if backbone is None or options == _AS_LOADED:
         return
     if isinstance(backbone.net, AcceleratedBackbone):
         raise ConfigError("inference options are already applied to this scorer")
