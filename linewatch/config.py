@@ -185,15 +185,15 @@ class InferenceOptions(_Strict):
     """How a loaded scorer runs its backbone (:mod:`linewatch.model.acceleration`).
 
     The heads always run in float32: reduced precision applies to the backbone, whose
-    features are handed on as float32. The defaults leave scores as they are and need
-    nothing beyond linewatch's dependencies; on a CPU, ``backend = "onnxruntime"`` measured
-    fastest with the same scores (``bench/README.md``, "Inference options on CPU").
+    features are handed on as float32. The defaults leave scores as they are (within 1e-5)
+    and run what measured fastest: on a CPU, ONNX Runtime (``bench/README.md``, "Inference
+    options on CPU").
     """
 
-    backend: Literal["torch", "onnxruntime"] = Field(
-        "torch",
-        description="what runs the backbone: torch | onnxruntime (CPU, fp32; exported at "
-        "load; pip install 'linewatch[onnx]')",
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="what runs the backbone: onnxruntime (CPU, fp32, no compile; exported at "
+        "load) | torch | auto = onnxruntime where it can run, else torch",
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",

@@ -36,7 +36,7 @@ from linewatch.errors import LinewatchError, ModelFileError
 from linewatch.inference.tiling import cut_tiles, tile_grid
 from linewatch.inference.worker import score_tiled
 from linewatch.log import get_logger
-from linewatch.model.acceleration import apply_options
+from linewatch.model.acceleration import apply_options, resolve_backend
 from linewatch.model.preprocess import preprocess_batch
 from linewatch.model.scorer import ScoreBatch, Scorer
 
@@ -381,6 +381,6 @@ def run_model_bench(plan: ModelBenchPlan, cache: Path) -> ModelBench:
         warmup=plan.warmup,
         repeats=plan.repeats,
         memory=memory.kind,
-        inference=plan.inference,
+        inference=resolve_backend(plan.inference, device),
         rows=rows,
     )

@@ -5,7 +5,7 @@
     linewatch bench [--json OUT] [--device auto|cpu|cuda] [--model FILE] [--quick]
                     [--only model|pipeline] [--sizes 128 256 512] [--batches 1 4 8 16]
                     [--cameras 1 2 4] [--fps 10] [--seconds 6]
-                    [--backend torch|onnxruntime] [--precision fp32|bf16|fp16]
+                    [--backend auto|torch|onnxruntime] [--precision fp32|bf16|fp16]
                     [--channels-last | --no-channels-last] [--compile]
 
 Without ``--model`` every size is measured with a small model of that size, trained for one
@@ -75,8 +75,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help="timed calls per row, median reported (default: 3)")
     model.add_argument("--warmup", type=int, default=None,
                        help="untimed calls before each row (default: 1)")
-    model.add_argument("--backend", choices=["torch", "onnxruntime"], default=None,
-                       help="what runs the backbone (default: workers.inference's, torch)")
+    model.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default=None,
+                       help="what runs the backbone (default: workers.inference's, auto: "
+                            "onnxruntime on a CPU, torch on CUDA)")
     model.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                        help="backbone precision (default: workers.inference's, fp32)")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,

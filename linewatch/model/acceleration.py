@@ -13,8 +13,8 @@ on magnetic-tile val as a share of the operating threshold:
 - ``channels_last`` (default on): the backbone on NHWC tensors; 1.1-1.7x, scores unchanged
   (bit-identical).
 - ``backend = "onnxruntime"``: the backbone exported to ONNX at load (under a second) and run
-  by ONNX Runtime on the CPU, fp32; 2.0-7.3x, scores within 1e-5. An optional dependency
-  (``pip install 'linewatch[onnx]'``), so not the default.
+  by ONNX Runtime on the CPU, fp32; 2.0-7.3x, scores within 1e-5. What ``backend = "auto"``
+  (the default) picks wherever it can run: a CPU, fp32, no compile.
 - ``compile``: :func:`torch.compile` of the backbone, compiled at load on dummy batches (one
   graph for a batch of one, one for 2 to 15; 16 and more compile once more on first use);
   1.3-3.7x, scores within 1e-5, but 2-37 s more per load (each hot reload too) and a C++
@@ -57,6 +57,7 @@ __all__ = [
     "OnnxRuntimeLevels",
     "apply_options",
     "check_options",
+    "resolve_backend",
 ]
 
 log = get_logger("acceleration")
@@ -80,8 +81,18 @@ class _HasBackbone(Protocol):
     def size(self) -> int: ...
 
 
+def resolve_backend(options: InferenceOptions, device: torch.device) -> InferenceOptions:
+    """``options`` with ``backend = "auto"`` made concrete for ``device``: ONNX Runtime where
+    it can run (a CPU, fp32, no compile), torch elsewhere."""
+    if options.backend != "auto":
+        return options
+    ort_runs = device.type == "cpu" and options.precision == "fp32" and not options.compile
+    return options.model_copy(update={"backend": "onnxruntime" if ort_runs else "torch"})
+
+
 def check_options(options: InferenceOptions, device: torch.device) -> None:
     """Refuse options ``device`` cannot run, with a one-line error naming the setting."""
+    options = resolve_backend(options, device)
     if options.precision == "fp16" and device.type != "cuda":
         raise ConfigError(
             "workers.inference.precision fp16 needs a CUDA device; use bf16 or fp32 on a CPU"
@@ -170,6 +181,7 @@ def apply_options(scorer: _HasBackbone, options: InferenceOptions) -> None:
     :class:`ConfigError` naming the setting. fp32 without ``channels_last`` or ``compile``
     leaves the scorer as it was loaded.
     """
+    options = resolve_backend(options, scorer.device)
     check_options(options, scorer.device)
     backbone = scorer.backbone
     if backbone is None or options == _AS_LOADED:
@@ -246,8 +258,8 @@ def _import_onnxruntime() -> Any:
         import onnxruntime
     except ImportError as exc:
         raise ConfigError(
-            f"workers.inference.backend onnxruntime: {exc.name} is not installed; "
-            "pip install 'linewatch[onnx]'"
+            f"workers.inference.backend onnxruntime: {exc.name} is not installed "
+            "(a linewatch dependency; reinstall linewatch), or set backend = \"torch\""
         ) from None
     return onnxruntime
 
