@@ -650,9 +650,8 @@ def finish_model(
     the model has a memory.
     """
     originals = train_cache.unaugmented()
-    _fit_memory(
-        model, itertools.chain(originals.batches(batch, model_device(model)), extra_memory), seed
-    )
+    device = model.pos_mean.device  # where the memories and statistics are fitted
+    _fit_memory(model, itertools.chain(originals.batches(batch, device), extra_memory), seed)
     _fit_residuals(model, originals, batch)
     fit_position_norm(model, originals, batch)
 
@@ -672,11 +671,6 @@ def _fit_residuals(model: JointModel, cache: FeatureCache, batch: int) -> None:
     with torch.inference_mode():
         mdaae.fit_residuals(targets(), model.settings.gauss_eps)
     log.info("residuals_fitted", levels=len(mdaae.level_channels))
-
-
-def model_device(model: JointModel) -> torch.device:
-    """Where the model's buffers live (its memories and statistics are fitted there)."""
-    return model.pos_mean.device
 
 
 def _fit_memory(model: JointModel, batches: Iterable[Prepared], seed: int) -> None:
