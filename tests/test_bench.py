@@ -10,9 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
 
+from linewatch.bench.hop import measure_hop_ms
 from linewatch.bench.model import ModelRow
 from linewatch.bench.pipeline import (
     PipelinePlan,
@@ -125,7 +127,7 @@ MODEL_KEYS = {"device", "torch_threads", "per_size_models", "models", "warmup", 
 ROW_KEYS = {"frame_size", "model_size", "tiles_per_frame", "batch", "ms_per_batch",
             "ms_per_image", "images_per_s", "backbone_ms_per_batch", "scorer_over_backbone",
             "stages_ms", "peak_memory_mb", "memory_before_mb"}
-PIPELINE_KEYS = {"plan", "worker_threads", "log_dir", "runs"}
+PIPELINE_KEYS = {"plan", "worker_threads", "log_dir", "hop_ms", "runs"}
 RUN_KEYS = {"cameras", "scorer", "offered_fps", "frames", "verdicts", "steady_frames", "missed",
             "fail_safe", "throughput_fps", "latency_ms", "decided_latency_ms", "model_ms_mean",
             "batch_size_mean", "full_batch_ms", "full_batch_source", "overhead_ms_mean",
@@ -199,3 +201,9 @@ def test_bad_flags_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> No
     assert "--sizes 100" in capsys.readouterr().err
     assert main(["bench", "--model", "missing.lwm"]) != 0
     assert "missing.lwm" in capsys.readouterr().err
+
+
+def test_hop_delays_are_one_per_message_and_positive() -> None:
+    delays = measure_hop_ms(messages=5, interval_s=0.001, payload_bytes=1024)
+    assert delays.shape == (5,)
+    assert np.all(np.isfinite(delays)) and np.all(delays > 0)

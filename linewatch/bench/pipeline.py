@@ -45,6 +45,7 @@ import numpy as np
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
+from linewatch.bench.hop import measure_hop_ms
 from linewatch.config import WorkersConfig, load_config
 from linewatch.errors import LinewatchError
 from linewatch.log import get_logger
@@ -165,6 +166,10 @@ class PipelineBench(_Frozen):
     plan: PipelinePlan
     worker_threads: int = Field(description="torch threads per worker (workers.threads auto)")
     log_dir: str = Field(description="where each run's process logs are")
+    hop_ms: LatencyStats | None = Field(
+        description="one ZeroMQ message between two processes on this machine (ipc, 64 KiB, "
+        "every 20 ms): the floor under each of a frame's three process hops"
+    )
     runs: list[PipelineRun]
 
 
@@ -374,13 +379,15 @@ def run_pipeline_bench(plan: PipelinePlan, log_dir: Path,
     """Run the line once per camera count and scorer; against ``redis_url`` or an
     embedded Redis started for the benchmark. Process logs go to ``log_dir/<run>/``."""
     runs: list[PipelineRun] = []
+    hop = LatencyStats.of(measure_hop_ms())
     with _redis(redis_url) as url:
         for cameras in plan.cameras:
             for scorer in plan.scorers:
                 run_logs = log_dir / f"{cameras}cam-{scorer}"
                 runs.append(_run_line(plan, url, cameras, scorer, run_logs))
     threads = max(1, (os.cpu_count() or 1) // plan.workers)
-    return PipelineBench(plan=plan, worker_threads=threads, log_dir=str(log_dir), runs=runs)
+    return PipelineBench(plan=plan, worker_threads=threads, log_dir=str(log_dir), hop_ms=hop,
+                         runs=runs)
 
 
 def _redis(url: str | None) -> contextlib.AbstractContextManager[str]:
