@@ -216,8 +216,8 @@ class WorkersConfig(_Strict):
     count: int = Field(2, ge=1, le=64)
     max_batch: int | None = Field(
         None, ge=1, le=256,
-        description="frames per batch at most; default 8 on CUDA, 1 on a CPU, where a batch "
-        "costs more per image than single frames (linewatch bench)",
+        description="frames per batch at most; default by what runs the backbone: 8 on CUDA, "
+        "4 with onnxruntime on a CPU, 1 with torch on a CPU (linewatch bench)",
     )
     max_wait_ms: float = Field(
         0.0, ge=0, description="extra wait to fill a batch; 0 = batch what queued meanwhile"
@@ -234,13 +234,17 @@ class WorkersConfig(_Strict):
     tile_overlap: int = Field(32, ge=0)
     inference: InferenceOptions = InferenceOptions()
 
-    def batch_limit(self, device_type: str) -> int:
-        """``max_batch``, or its default for a worker whose model runs on ``device_type``."""
+    def batch_limit(self, device_type: str, backend: str = "torch") -> int:
+        """``max_batch``, or its default for a worker whose backbone runs on ``device_type``
+        with ``backend`` (``torch`` or ``onnxruntime``, as resolved for that device)."""
         if self.max_batch is not None:
             return self.max_batch
-        # Measured (bench/README.md): EfficientNet-Lite0 at 256 x 256 on one CPU thread takes
-        # 22 ms for one image and 53 ms per image in a batch of 8; on a GPU batches pay.
-        return 8 if device_type == "cuda" else 1
+        if device_type == "cuda":
+            return 8
+        # Measured at 256 x 256, one thread (bench/README.md, "Inference options on CPU"):
+        # onnxruntime 10.9 ms alone, 9.4 ms per image in a batch of 4, 9.8 in 8; torch
+        # (channels_last) 18.0 ms alone but 24-35 ms per image in a batch of 4-8.
+        return 4 if backend == "onnxruntime" else 1
     # Fault injection (linewatch faults and its tests); leave unset on a real line.
     inject_delay_ms: float = Field(
         0.0, ge=0, description="fault injection: sleep this long before scoring each batch"

@@ -53,11 +53,12 @@ def test_empty_batcher_has_nothing_due() -> None:
     assert batcher.take(0, force=True) == []
 
 
-def test_batch_limit_defaults_to_single_frames_on_cpu_and_8_on_cuda() -> None:
-    assert WorkersConfig().batch_limit("cpu") == 1
-    assert WorkersConfig().batch_limit("cuda") == 8
-    assert WorkersConfig(max_batch=4).batch_limit("cpu") == 4
-    assert WorkersConfig(max_batch=4).batch_limit("cuda") == 4
+def test_batch_limit_defaults_to_what_pays_for_the_backend() -> None:
+    assert WorkersConfig().batch_limit("cpu", "torch") == 1
+    assert WorkersConfig().batch_limit("cpu", "onnxruntime") == 4
+    assert WorkersConfig().batch_limit("cuda", "torch") == 8
+    assert WorkersConfig(max_batch=2).batch_limit("cpu", "onnxruntime") == 2
+    assert WorkersConfig(max_batch=2).batch_limit("cuda") == 2
 
 
 def test_tiles_cover_frame_and_stitch_back() -> None:

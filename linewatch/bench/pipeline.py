@@ -97,10 +97,12 @@ class PipelinePlan(_Frozen):
     @property
     def batch_limit(self) -> int:
         """Frames per batch at most, as the line's workers resolve it on this machine."""
+        from linewatch.model.acceleration import resolve_backend
         from linewatch.model.scorer import resolve_device
 
         workers = WorkersConfig(max_batch=self.max_batch)
-        return workers.batch_limit(resolve_device(self.device).type)
+        device = resolve_device(self.device)
+        return workers.batch_limit(device.type, resolve_backend(workers.inference, device).backend)
 
     @property
     def frames_per_camera(self) -> int:

@@ -289,6 +289,7 @@ def run_inference_worker(config: LineConfig, index: int) -> dict[str, int]:
     import torch
 
     from linewatch.lifecycle import run_until_signalled
+    from linewatch.model.acceleration import resolve_backend
     from linewatch.model.scorer import resolve_device
     from linewatch.transport.worker_link import WorkerLink
 
@@ -298,7 +299,9 @@ def run_inference_worker(config: LineConfig, index: int) -> dict[str, int]:
         log.warning("worker_backbone_only", worker=index, note="every part passes; bench only")
     worker_id = f"{config.line}-w{index}"
     scorer = load_line_scorer(config)
-    max_batch = workers.batch_limit(resolve_device(workers.device).type)
+    device = resolve_device(workers.device)
+    backend = resolve_backend(workers.inference, device).backend
+    max_batch = workers.batch_limit(device.type, backend)
     with WorkerLink(config.transport, worker_id, max_batch) as link:
         worker = InferenceWorker(config, worker_id, scorer, link,
                                  load_scorer=scorer_loader(config), index=index,
