@@ -2,9 +2,9 @@
 
 A frame crosses three process boundaries on its way to a verdict (camera to dispatcher,
 dispatcher to worker, worker to decision), and each costs what this machine takes to carry a
-message over an ipc socket and wake the process that waits for it. On a VM that is a
-multiple of what it is on bare metal (an idle virtual CPU must be woken). The pipeline
-benchmark measures it beside its runs, so the overhead can be read against it.
+message over an ipc socket and wake the process that waits for it (on a VM, an idle
+virtual CPU must be woken first). The pipeline benchmark measures it beside its runs, so
+the overhead can be read against it.
 
 The receiver is a child process (:func:`receive`) that takes the messages, each starting
 with its send time, and answers with the one-way delays as JSON: same machine, same clock.
