@@ -226,7 +226,8 @@ def wire_map(amap: np.ndarray) -> np.ndarray:
     """``amap`` as float16, the map's wire dtype (half the bytes of float32)."""
     import torch  # the worker has it loaded; its conversion is vectorised, numpy's is not
 
-    # 0.005 ms vs numpy's 0.1 ms for a 256 x 256 map: per frame, on the verdict path.
+    # 30x faster than numpy's astype for a 256 x 256 map (bench/hot_path.py): per frame,
+    # on the verdict path.
     half: np.ndarray = torch.from_numpy(np.ascontiguousarray(amap, np.float32)).half().numpy()
     return half
 
