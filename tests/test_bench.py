@@ -175,7 +175,7 @@ def test_smallest_bench_writes_every_figure(
         "--cache", str(tmp_path / "cache"), "--sizes", "64", "--batches", "1", "2",
         "--tiled-frame", "128", "--repeats", "1", "--warmup", "0", "--cameras", "1",
         "--fps", "10", "--seconds", "1", "--warmup-seconds", "0.5", "--frame-size", "64",
-        "--json", str(out),
+        "--max-batch", "2", "--json", str(out),
     ])
     assert code == 0
     raw = json.loads(out.read_text())
@@ -194,6 +194,8 @@ def test_smallest_bench_writes_every_figure(
     printed = capsys.readouterr().out
     assert printed.startswith(f"$ {report.command}\n")
     assert "Model:" in printed and "Pipeline:" in printed and "backbone_only" in printed
+    assert report.pipeline.plan.max_batch == 2 and "max_batch 2," in printed
+    assert report.pipeline.hop_ms is not None and report.pipeline.hop_ms.p50 > 0
 
 
 def test_bad_flags_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -201,6 +203,8 @@ def test_bad_flags_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> No
     assert "--sizes 100" in capsys.readouterr().err
     assert main(["bench", "--model", "missing.lwm"]) != 0
     assert "missing.lwm" in capsys.readouterr().err
+    assert main(["bench", "--only", "pipeline", "--max-batch", "0"]) != 0
+    assert "--max-batch must be positive, got 0" in capsys.readouterr().err
 
 
 def test_hop_delays_are_one_per_message_and_positive() -> None:

@@ -4,7 +4,7 @@
 
     linewatch bench [--json OUT] [--device auto|cpu|cuda] [--model FILE] [--quick]
                     [--only model|pipeline] [--sizes 128 256 512] [--batches 1 4 8 16]
-                    [--cameras 1 2 4] [--fps 10] [--seconds 6]
+                    [--cameras 1 2 4] [--fps 10] [--seconds 6] [--max-batch N]
                     [--backend auto|torch|onnxruntime] [--precision fp32|bf16|fp16]
                     [--channels-last | --no-channels-last] [--compile]
 
@@ -96,6 +96,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     line.add_argument("--frame-size", type=int, default=256,
                       help="side of the synth cameras' frames (default: 256)")
     line.add_argument("--workers", type=int, default=2, help="inference workers (default: 2)")
+    line.add_argument("--max-batch", type=int, default=None, metavar="N",
+                      help="frames per batch at most (default: the line's, workers.max_batch: "
+                           "4 with onnxruntime on a CPU, 1 with torch, 8 on CUDA)")
     p.set_defaults(func=_bench)
 
 
@@ -131,6 +134,8 @@ def _plans(
                         ("--repeats", repeats), ("--fps", args.fps), ("--seconds", seconds),
                         ("--frame-size", args.frame_size), ("--workers", args.workers)):
         _positive(name, value)
+    if args.max_batch is not None:
+        _positive("--max-batch", args.max_batch)
     if warmup < 0 or warmup_s < 0 or args.tiled_frame < 0:
         raise ConfigError("--warmup, --warmup-seconds and --tiled-frame cannot be negative")
     if args.model is not None and not args.model.is_file():
@@ -151,7 +156,7 @@ def _plans(
         pipeline_plan = PipelinePlan(
             cameras=cameras, fps=args.fps, seconds=seconds, warmup_s=warmup_s,
             frame_size=args.frame_size, workers=args.workers, device=args.device,
-            model=pipeline_model(args.frame_size, args.model, cache),
+            max_batch=args.max_batch, model=pipeline_model(args.frame_size, args.model, cache),
         )
     return model_plan, pipeline_plan
 
@@ -190,7 +195,8 @@ def _command(args: argparse.Namespace, model_plan: ModelBenchPlan | None,
         q = pipeline_plan
         words += ["--cameras", *map(str, q.cameras), "--fps", f"{q.fps:g}",
                   "--seconds", f"{q.seconds:g}", "--warmup-seconds", f"{q.warmup_s:g}",
-                  "--frame-size", str(q.frame_size), "--workers", str(q.workers)]
+                  "--frame-size", str(q.frame_size), "--workers", str(q.workers),
+                  "--max-batch", str(q.batch_limit)]
     if args.json is not None:
         words += ["--json", str(args.json)]
     return shlex.join(words)
