@@ -1,9 +1,12 @@
-"""Process lifecycle shared by every linewatch process: stop cleanly on SIGINT/SIGTERM."""
+"""Process lifecycle shared by every linewatch process: stop cleanly on SIGINT/SIGTERM, and
+when the supervisor that started the process dies."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from types import FrameType
@@ -41,6 +44,7 @@ def run_until_signalled(loop: Stoppable) -> Any:
         loop.stop()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    follow_supervisor()
     try:
         return loop.run()
     finally:
@@ -50,6 +54,29 @@ def run_until_signalled(loop: Stoppable) -> Any:
 
 
 READY_FILE_ENV = "LINEWATCH_READY_FILE"
+SUPERVISOR_PID_ENV = "LINEWATCH_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def follow_supervisor() -> None:
+    """Stop (SIGTERM, so cleanly) when the supervisor that started this process dies.
+
+    A supervisor killed with SIGKILL cannot stop its children; left running, they would
+    hold the line's sockets against the processes of a restarted supervisor. The
+    supervisor names itself in ``LINEWATCH_SUPERVISOR_PID``; a process started by hand has
+    none, and this does nothing. Linux only (``prctl``); elsewhere the service manager's
+    process-group kill (systemd's ``KillMode``) is what stops them.
+    """
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV)
+    if not supervisor or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("supervisor_watch_failed", errno=ctypes.get_errno())
+        return
+    if os.getppid() != int(supervisor):  # it died before the watch was set
+        log.warning("supervisor_gone", supervisor_pid=int(supervisor))
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def notify_ready() -> None:

@@ -138,3 +138,56 @@ def test_configuration_error_stops_the_line_instead_of_restarting(tmp_path: Path
     assert not thread.is_alive()
     assert sup.failed is not None and "bad" in sup.failed
     assert sup.restarts == {"bad": 0, "other": 0}
+
+
+# A linewatch process as the line's processes are: a loop run by run_until_signalled.
+FOLLOWER = """
+import os, sys, threading
+from linewatch.lifecycle import run_until_signalled
+
+class Loop:
+    def __init__(self):
+        self.event = threading.Event()
+    @property
+    def stopping(self):
+        return self.event.is_set()
+    def stop(self):
+        self.event.set()
+    def run(self):
+        with open(sys.argv[1] + ".pid", "w") as f:
+            f.write(str(os.getpid()))
+        while not self.event.wait(0.05):
+            pass
+        open(sys.argv[1] + ".stopped", "w").close()
+
+run_until_signalled(Loop())
+"""
+# A supervisor of one such process, in a process of its own that the test can kill.
+SUPERVISOR = """
+import sys
+from linewatch.runtime.supervisor import ProcessSpec, Supervisor
+spec = ProcessSpec("follower", (sys.executable, "-c", sys.argv[2], sys.argv[1]), stage=0)
+Supervisor([spec], poll_s=0.05).run()
+"""
+
+
+def test_children_stop_cleanly_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+
+    base = tmp_path / "follower"
+    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(base), FOLLOWER])
+    pid_file = Path(f"{base}.pid")
+    child_pid = None
+    try:
+        assert _wait_for(pid_file.exists), "the supervised process did not start"
+        assert _wait_for(lambda: pid_file.read_text() != "")
+        child_pid = int(pid_file.read_text())
+        supervisor.kill()  # SIGKILL: the supervisor cannot stop anything itself
+        supervisor.wait(timeout=20)
+        assert _wait_for(Path(f"{base}.stopped").exists), "child kept running"
+    finally:
+        supervisor.kill()
+        if child_pid is not None and not Path(f"{base}.stopped").exists():
+            os.kill(child_pid, signal.SIGKILL)

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from linewatch.lifecycle import READY_FILE_ENV
+from linewatch.lifecycle import READY_FILE_ENV, SUPERVISOR_PID_ENV
 from linewatch.log import get_logger
 
 log = get_logger("supervisor")
@@ -162,7 +162,8 @@ class Supervisor:
             self._stop.wait(self.poll_s)
 
     def _start(self, child: _Child) -> None:
-        env = {**os.environ, **self.env, READY_FILE_ENV: str(self._ready_file(child))}
+        env = {**os.environ, **self.env, READY_FILE_ENV: str(self._ready_file(child)),
+               SUPERVISOR_PID_ENV: str(os.getpid())}
         self._ready_file(child).unlink(missing_ok=True)
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
