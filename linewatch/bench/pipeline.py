@@ -97,12 +97,10 @@ class PipelinePlan(_Frozen):
     @property
     def batch_limit(self) -> int:
         """Frames per batch at most, as the line's workers resolve it on this machine."""
-        from linewatch.model.acceleration import resolve_backend
-        from linewatch.model.scorer import resolve_device
+        from linewatch.inference.worker import resolved_batch_limit
 
-        workers = WorkersConfig(max_batch=self.max_batch)
-        device = resolve_device(self.device)
-        return workers.batch_limit(device.type, resolve_backend(workers.inference, device).backend)
+        return resolved_batch_limit(WorkersConfig.model_validate(
+            {"max_batch": self.max_batch, "device": self.device}))
 
     @property
     def frames_per_camera(self) -> int:

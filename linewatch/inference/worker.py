@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from linewatch.config import LineConfig, ThresholdRule
+from linewatch.config import LineConfig, ThresholdRule, WorkersConfig
 from linewatch.errors import ConfigError, LinewatchError, ModelFileError
 from linewatch.inference.batcher import DynamicBatcher
 from linewatch.inference.tiling import crop_roi, cut_tiles, stitch_maps, tile_grid
@@ -283,6 +283,16 @@ def load_line_scorer(config: LineConfig, device: str | None = None) -> ScorerLik
     return scorer
 
 
+def resolved_batch_limit(workers: WorkersConfig) -> int:
+    """``workers.max_batch`` as a worker on this machine resolves it: by the device it runs
+    on and what runs its backbone there."""
+    from linewatch.model.acceleration import resolve_backend
+    from linewatch.model.scorer import resolve_device
+
+    device = resolve_device(workers.device)
+    return workers.batch_limit(device.type, resolve_backend(workers.inference, device).backend)
+
+
 def run_inference_worker(config: LineConfig, index: int) -> dict[str, int]:
     """Load the line's model and serve as worker ``index`` until SIGINT/SIGTERM."""
     import os
@@ -290,8 +300,6 @@ def run_inference_worker(config: LineConfig, index: int) -> dict[str, int]:
     import torch
 
     from linewatch.lifecycle import run_until_signalled
-    from linewatch.model.acceleration import resolve_backend
-    from linewatch.model.scorer import resolve_device
     from linewatch.transport.worker_link import WorkerLink
 
     workers = config.workers
@@ -300,9 +308,7 @@ def run_inference_worker(config: LineConfig, index: int) -> dict[str, int]:
         log.warning("worker_backbone_only", worker=index, note="every part passes; bench only")
     worker_id = f"{config.line}-w{index}"
     scorer = load_line_scorer(config)
-    device = resolve_device(workers.device)
-    backend = resolve_backend(workers.inference, device).backend
-    max_batch = workers.batch_limit(device.type, backend)
+    max_batch = resolved_batch_limit(workers)
     with WorkerLink(config.transport, worker_id, max_batch) as link:
         worker = InferenceWorker(config, worker_id, scorer, link,
                                  load_scorer=scorer_loader(config), index=index,
