@@ -20,7 +20,12 @@ import torch
 from redis._parsers.encoders import Encoder
 from redis.connection import HiredisRespSerializer, PythonRespSerializer
 
-from linewatch.decision.postprocess import find_regions, render_heatmap, smooth_maps
+from linewatch.decision.postprocess import (
+    find_regions,
+    render_heatmap,
+    smooth_maps,
+    smoothed_regions,
+)
 
 
 def _us(call: Callable[[], object], repeats: int) -> float:
@@ -65,6 +70,12 @@ def main() -> None:
         ("find_regions (labels the hot pixels' box only)",
          lambda: find_regions(amap, threshold, 1)),
         ("find_regions, nothing above threshold", lambda: find_regions(amap, 10.0, 1)),
+        ("a good part's map: blur + regions",
+         lambda: find_regions(smooth_maps(amap[None], 4.0)[0], 10.0, 1)),
+        ("a good part's map: smoothed_regions (no blur under the threshold; decision)",
+         lambda: smoothed_regions(amap.copy(), 4.0, 10.0, 1)),
+        ("a defective part's map: smoothed_regions",
+         lambda: smoothed_regions(amap.copy(), 4.0, threshold, 1)),
         ("heatmap PNG of one region", lambda: render_heatmap(amap, region)),
         ("redis-py pack of a frame write, pure Python",
          lambda: PythonRespSerializer(6000, encode).pack(*write)),

@@ -5,8 +5,17 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
-from linewatch.decision.postprocess import Region, find_regions, render_heatmap, smooth_maps
+from linewatch.decision.postprocess import (
+    Region,
+    find_regions,
+    render_heatmap,
+    smooth_maps,
+    smoothed_regions,
+)
 
 
 def _two_blobs_and_a_speck() -> np.ndarray:
@@ -66,6 +75,33 @@ def test_smoothing_takes_wire_maps_float16_or_uint8_with_their_scale() -> None:
     as_bytes = np.rint(amap * 20).astype(np.uint8)  # value = stored x 0.05
     from_bytes = smooth_maps(as_bytes[None], sigma=2.0, scale=0.05)[0]
     np.testing.assert_allclose(from_bytes, reference, atol=1e-3)
+
+
+_MAPS = hnp.arrays(np.float32, st.tuples(st.integers(4, 40), st.integers(4, 40)),
+                   elements=st.floats(0.0, 8.0, width=32))
+
+
+@settings(max_examples=200, deadline=None)
+@given(amap=_MAPS, sigma=st.sampled_from([0.0, 0.8, 2.0, 4.0]),
+       where=st.floats(0.5, 1.5), min_area=st.integers(1, 6))
+def test_skipping_the_blur_below_the_threshold_never_changes_the_regions(
+    amap: np.ndarray, sigma: float, where: float, min_area: int
+) -> None:
+    # Thresholds around the smoothed peak, where a skipped blur would show.
+    peak = float(smooth_maps(amap[None], sigma)[0].max())
+    threshold = max(peak * where, 1e-3)
+    expected = find_regions(smooth_maps(amap[None], sigma)[0], threshold, min_area)
+    _, found = smoothed_regions(amap.copy(), sigma, threshold, min_area)
+    assert found == expected
+
+
+def test_a_map_below_the_threshold_comes_back_unsmoothed_without_regions() -> None:
+    amap = _two_blobs_and_a_speck()
+    same, found = smoothed_regions(amap.copy(), sigma=4.0, threshold=9.5, min_area=1)
+    assert found == [] and np.array_equal(same, amap)
+    smoothed, found = smoothed_regions(amap.copy(), sigma=4.0, threshold=0.5, min_area=1)
+    np.testing.assert_allclose(smoothed, smooth_maps(amap[None], 4.0)[0])
+    assert found
 
 
 def test_non_finite_values_stay_non_finite_through_the_smoothing() -> None:

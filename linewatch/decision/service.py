@@ -47,7 +47,12 @@ import zmq
 
 from linewatch.config import LineConfig
 from linewatch.decision.ordering import VerdictOrder
-from linewatch.decision.postprocess import Region, find_regions, render_heatmap, smooth_maps
+from linewatch.decision.postprocess import (
+    Region,
+    render_heatmap,
+    smooth_maps,
+    smoothed_regions,
+)
 from linewatch.decision.tracker import FrameTracker, MissedFrame
 from linewatch.lifecycle import notify_ready, run_until_signalled
 from linewatch.log import get_logger
@@ -402,9 +407,8 @@ class DecisionService:
     def _decide(self, result: ResultHeader, stored_map: np.ndarray, now: int) -> VerdictBatch:
         frame = result.frame
         decision = self.cfg.decision
-        # Non-finite map values stay non-finite through the scaling and the blur.
-        smoothed = smooth_maps(stored_map[None], decision.sigma, result.map_scale)[0]
-        if not math.isfinite(result.score) or not np.isfinite(smoothed).all():
+        amap = smooth_maps(stored_map[None], 0.0, result.map_scale)[0]  # float32, scaled
+        if not math.isfinite(result.score) or not np.isfinite(amap).all():
             self.counters.bad_results += 1
             log.warning("bad_result", frame_id=frame.frame_id, worker=result.worker)
             return self._fail_safe(frame, REASON_BAD_RESULT, now, result)
@@ -414,9 +418,9 @@ class DecisionService:
                         late_ms=(now - frame.deadline_ns) / 1e6)
             return self._fail_safe(frame, REASON_TIMEOUT, now, result)
 
-        sx, sy, ox, oy = self._map_to_frame(frame, smoothed.shape)
+        sx, sy, ox, oy = self._map_to_frame(frame, amap.shape)
         min_area_map = max(1, math.ceil(decision.min_area / (sx * sy)))
-        found = find_regions(smoothed, result.threshold, min_area_map)
+        smoothed, found = smoothed_regions(amap, decision.sigma, result.threshold, min_area_map)
         kept = found[: decision.max_regions]
         reject = result.score >= result.threshold
         verdict = self._verdict(
