@@ -24,7 +24,13 @@ from linewatch.data.images import read_image
 from linewatch.data.mvtec import MVTecDataset
 from linewatch.errors import ConfigError
 from linewatch.inference.worker import load_line_scorer
-from linewatch.model.acceleration import AcceleratedBackbone, apply_options, resolve_backend
+from linewatch.model.acceleration import (
+    AcceleratedBackbone,
+    apply_options,
+    backend_of,
+    load_served_scorer,
+    resolve_backend,
+)
 from linewatch.model.scorer import BackboneOnlyScorer, Scorer
 
 torch.set_num_threads(1)
@@ -175,6 +181,18 @@ def test_the_line_loads_its_scorer_with_the_configured_options(
     assert not isinstance(plain.backbone.net, AcceleratedBackbone)
     np.testing.assert_allclose(default.score_batch(frames[:4]).scores,
                                plain.score_batch(frames[:4]).scores, rtol=0, atol=1e-5)
+
+
+def test_calibrate_and_evaluate_load_the_model_as_the_line_serves_it(
+    tiny_line_model: tuple[Path, Path], frames: list[np.ndarray]
+) -> None:
+    model = tiny_line_model[1]
+    served = load_served_scorer(model, "cpu")
+    assert backend_of(served) == "onnxruntime"
+    assert backend_of(Scorer.load(model, "cpu")) == "torch"
+    line = load_line_scorer(_config(model))
+    np.testing.assert_array_equal(served.score_batch(frames[:4]).scores,
+                                  line.score_batch(frames[:4]).scores)
 
 
 def test_options_are_applied_once_and_fit_the_backbone_only_scorer(

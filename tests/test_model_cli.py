@@ -90,6 +90,8 @@ def test_calibrate_then_evaluate_writes_json_and_report(
     results = json.loads(out_json.read_text())
     assert results.keys() >= EVAL_KEYS
     assert results["n_images"] == 12 and results["f1"] is not None
+    # Timed and scored as the line's workers run the model by default on this device.
+    assert results["backend"] == ("onnxruntime" if results["device"] == "cpu" else "torch")
     assert (report / "index.html").read_text().count("<img") >= 2
     printed = json.loads(capsys.readouterr().out)
     assert printed["n_images"] == 12

@@ -19,8 +19,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from linewatch.log import get_logger
+from linewatch.model.acceleration import load_served_scorer
 from linewatch.model.evaluate import EvalResult, evaluate_scorer
-from linewatch.model.scorer import Scorer, build_backbone, resolve_device
+from linewatch.model.scorer import build_backbone, resolve_device
 from linewatch.model.settings import TrainSettings, variant_settings
 from linewatch.model.train import TrainReport, prepare_data, train
 
@@ -100,7 +101,7 @@ def run_ablation(
             path = out / f"{variant}-seed{seed}.lwm"
             report = train(data, path, settings, seed_ts, progress=progress, prepared=prepared)
             torch.manual_seed(seed)
-            scorer = Scorer.load(path, str(device))
+            scorer = load_served_scorer(path, str(device))
             result = evaluate_scorer(
                 scorer, prepared.dataset, "test", batch=batch, progress=progress
             )

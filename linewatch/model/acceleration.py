@@ -50,13 +50,16 @@ from linewatch.config import InferenceOptions
 from linewatch.errors import ConfigError
 from linewatch.log import get_logger
 from linewatch.model.backbone import FeatureExtractor, LevelBackbone
+from linewatch.model.scorer import Scorer
 
 __all__ = [
     "AcceleratedBackbone",
     "InferenceOptions",
     "OnnxRuntimeLevels",
     "apply_options",
+    "backend_of",
     "check_options",
+    "load_served_scorer",
     "resolve_backend",
 ]
 
@@ -204,6 +207,30 @@ def apply_options(scorer: _HasBackbone, options: InferenceOptions) -> None:
         compile=options.compile,
         device=str(scorer.device),
     )
+
+
+def load_served_scorer(
+    path: str | Path, device: str = "auto", options: InferenceOptions | None = None
+) -> Scorer:
+    """The model file at ``path``, run as the line's workers run it by default (or with
+    ``options``): what ``calibrate`` fits thresholds on and ``evaluate`` times is then what
+    the line serves, ONNX Runtime on a CPU included."""
+    scorer = Scorer.load(path, device)
+    try:
+        apply_options(scorer, options or InferenceOptions())
+    except BaseException:
+        scorer.close()
+        raise
+    return scorer
+
+
+def backend_of(scorer: _HasBackbone) -> str:
+    """What runs ``scorer``'s backbone: ``onnxruntime`` or ``torch`` (``none`` without one)."""
+    backbone = scorer.backbone
+    if backbone is None:
+        return "none"
+    net = backbone.net
+    return net.options.backend if isinstance(net, AcceleratedBackbone) else "torch"
 
 
 def _compile_now(backbone: FeatureExtractor, size: int, device: torch.device) -> None:

@@ -34,6 +34,7 @@ from linewatch.errors import DataError
 from linewatch.log import get_logger
 from linewatch.metrics.ranking import auroc, pr_auc
 from linewatch.metrics.thresholds import ThresholdSet, fit_thresholds
+from linewatch.model.acceleration import load_served_scorer
 from linewatch.model.joint import Normalisation, TermNorm
 from linewatch.model.modelfile import update_model_meta
 from linewatch.model.scorer import Prepared, Region, Scorer, crop_reduce
@@ -237,7 +238,7 @@ def calibrate_scorer(
     labels = np.array([int(s.is_defect) for s in samples])
     if labels.all() or not labels.any():
         raise DataError(f"{dataset.root / 'val'}: calibration needs good and defective images")
-    scorer = Scorer.load(path, device)
+    scorer = load_served_scorer(path, device)
     maps = collect_term_maps(scorer, image_batches(scorer, samples, batch, progress, "calibrate"))
     norm, thresholds, term_auroc, val_auroc, val_pr_auc = calibrate_maps(
         scorer, maps, labels, min_recall

@@ -28,6 +28,7 @@ from linewatch.errors import DataError
 from linewatch.log import get_logger
 from linewatch.metrics import aupro, auroc, classify_at, pixel_auroc, pr_auc
 from linewatch.metrics.thresholds import ThresholdRule, f1_max_threshold
+from linewatch.model.acceleration import backend_of, load_served_scorer
 from linewatch.model.scorer import Scorer
 from linewatch.report import ReportImage, write_report
 from linewatch.visualize import encode_png, heatmap_overlay
@@ -75,6 +76,7 @@ class EvalResult(BaseModel):
     backbone_ms_per_image: float
     batch: int
     device: str
+    backend: str  # what ran the backbone: ms_per_image is the line's time when it is the line's
     threads: int
 
 
@@ -213,6 +215,7 @@ def evaluate_scorer(
         backbone_ms_per_image=stages.get("backbone", 0.0),
         batch=batch,
         device=str(scorer.device),
+        backend=backend_of(scorer),
         threads=torch.get_num_threads(),
     )
     if report_dir is not None:
@@ -245,7 +248,7 @@ def evaluate(
     if corrupt:
         parse_corruption(corrupt)  # a typo fails before the model is loaded
     dataset = MVTecDataset(data)
-    scorer = Scorer.load(model, device)
+    scorer = load_served_scorer(model, device)
     try:
         result = evaluate_scorer(
             scorer, dataset, split, corrupt, batch, rule, seed, report_dir, progress
