@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import redis
 import zmq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from linewatch.config import LineConfig, PlcConfig, RedisConfig, TransportConfig
@@ -303,6 +303,8 @@ def test_any_truncation_of_a_frame_or_result_is_refused(part: int, data: st.Data
 
 @settings(max_examples=200, deadline=None)
 @given(version=st.one_of(st.integers(), st.text(max_size=4), st.none(), st.floats()))
+@example(version=1.0)  # equal to 1 in Python: once passed the version check
+@example(version=True)
 def test_any_other_wire_version_is_refused(version: object) -> None:
     header = json.loads(_frame_parts()[0])
     if version == 1 and not isinstance(version, bool | float):

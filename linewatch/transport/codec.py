@@ -309,7 +309,9 @@ def _header_object(part: Part, kinds: set[str]) -> dict[str, Any]:
         raise BadMessage("bad_json", str(exc)[:200]) from None
     if not isinstance(obj, dict):
         raise BadMessage("bad_json", f"header is a {type(obj).__name__}, not an object")
-    if obj.get("v") != WIRE_VERSION:
+    version = obj.get("v")
+    # An exact int: JSON's 1.0 and true compare equal to 1 in Python but are no version.
+    if type(version) is not int or version != WIRE_VERSION:
         raise BadMessage("wrong_version", f"v={obj.get('v')!r}, this end speaks {WIRE_VERSION}")
     kind = obj.get("kind")
     if not isinstance(kind, str) or kind not in kinds:
