@@ -89,6 +89,19 @@ class SynthSource(_Strict):
 CameraSource = Annotated[GenicamSource | FolderSource | SynthSource, Field(discriminator="kind")]
 
 
+class OverexposureConfig(_Strict):
+    """When a camera's frames clip at white: an ``overexposed`` alarm, then ``exposure_ok``."""
+
+    enabled: bool = True
+    clipped_share: float = Field(
+        0.05, gt=0, le=1,
+        description="share of a frame's pixels at its brightest value that counts as clipped",
+    )
+    frames: int = Field(
+        10, ge=1, description="frames in a row above the share (or below half of it) to report"
+    )
+
+
 class CameraConfig(_Strict):
     """One camera of the line, acquired by its own process."""
 
@@ -100,6 +113,7 @@ class CameraConfig(_Strict):
     frames: int | None = Field(
         None, ge=1, description="stop after this many frames (acquired or missed); none = run on"
     )
+    overexposure: OverexposureConfig = Field(default_factory=OverexposureConfig)
 
 
 # --------------------------------------------------------------------------- transport

@@ -116,12 +116,12 @@ class GapNotice(_Wire):
 
 
 class CameraStatus(_Wire):
-    """Acquisition reports camera state changes (lost, reconnected) for alarms."""
+    """Acquisition reports camera state changes (lost, reconnected, over-exposed) for alarms."""
 
     kind: Literal["camera_status"] = "camera_status"
     v: Literal[1] = WIRE_VERSION
     camera: str
-    state: Literal["connected", "lost", "reconnected", "stopped"]
+    state: Literal["connected", "lost", "reconnected", "stopped", "overexposed", "exposure_ok"]
     detail: str = ""
     ts_ns: int
 

@@ -383,6 +383,25 @@ def test_a_lost_camera_raises_one_alarm(
     assert running.service.counters.alarms == 2 and len(seen) == 4
 
 
+def test_an_overexposed_camera_raises_a_warning_and_its_recovery_a_note(
+    start: Callable[..., Running], redis_client: redis.Redis, line_name: str
+) -> None:
+    running = start()
+    now = time.time_ns()
+    running.send(encode_message(CameraStatus(camera="cam1", state="overexposed",
+                                             detail="31% of the frame at its brightest value",
+                                             ts_ns=now)))
+    running.send(encode_message(CameraStatus(camera="cam1", state="exposure_ok", ts_ns=now + 1)))
+    wait_until(lambda: running.service.counters.camera_status == 2, what="2 statuses handled")
+    running.close()
+
+    alarms = read_records(redis_client, line_name, AlarmRecord)
+    assert [(a.kind, a.severity, a.camera) for a in alarms] == [
+        ("overexposed", "warning", "cam1"), ("exposure_ok", "info", "cam1")
+    ]
+    assert "31% of the frame" in alarms[0].message
+
+
 def test_the_decide_process_writes_verdicts_and_exits_cleanly_on_sigterm(
     tmp_path: Path, redis_server: EmbeddedRedis, redis_client: redis.Redis, line_name: str
 ) -> None:

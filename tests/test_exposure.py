@@ -1,142 +1,131 @@
-"""Exposure jitter of the normal statistics: the draws, the settings, and what it buys."""
+"""Over-exposure watch: the clipped share of a frame, the state it reports, the alarm."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from pydantic import ValidationError
+import zmq
 
-from linewatch.data.images import read_image
-from linewatch.data.mvtec import MVTecDataset
-from linewatch.data.synth import write_dataset
-from linewatch.errors import DataError
-from linewatch.model.joint import JointModel
-from linewatch.model.preprocess import ExposureJitter, jitter_exposure
-from linewatch.model.scorer import build_backbone, clipped_mask, model_input
-from linewatch.model.settings import (
-    ModelSettings,
-    TrainSettings,
-    model_settings_from_dict,
-    variant_settings,
-)
-from linewatch.model.train import _new_model, exposure_batches, finish_model, prepare_data
-
-torch.set_num_threads(1)
-
-SIZE = 64
+from linewatch.acquisition.exposure import ExposureWatch, clipped_share
+from linewatch.acquisition.process import AcquisitionProcess
+from linewatch.config import CameraConfig, OverexposureConfig, TransportConfig, validate_config
+from linewatch.data.images import write_image
+from linewatch.data.synth import make_image
+from linewatch.errors import ConfigError
+from linewatch.transport.codec import decode_decision_message
+from linewatch.wire import CameraStatus
 
 
-def _ramp(dtype: type[np.integer]) -> np.ndarray:
-    full = np.iinfo(dtype).max
-    return np.linspace(0, full, 64 * 64).reshape(64, 64).astype(dtype)
+def _texture(seed: int = 0, size: int = 64) -> np.ndarray:
+    image, _ = make_image(np.random.default_rng(seed), "brushed_metal", size, None)
+    return image
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-def test_jitter_keeps_dtype_and_applies_one_gain_and_offset_within_range(
-    dtype: type[np.integer],
+def _clipped(image: np.ndarray, gain: float) -> np.ndarray:
+    return np.clip(image.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+
+
+def test_a_textured_frame_has_almost_nothing_at_its_brightest_value() -> None:
+    assert clipped_share(_texture()) < 0.01
+
+
+def test_the_clipped_share_follows_the_clipped_area_whatever_the_bit_depth() -> None:
+    image = _texture()
+    bright = _clipped(image, 1.6)
+    expected = float(np.mean(bright == 255))
+    assert 0.2 < expected < 0.8
+    assert clipped_share(bright) == pytest.approx(expected, abs=0.05)
+    twelve_bit = np.minimum(image.astype(np.uint16) * 26, 4095)  # Mono12 in a uint16
+    share_12 = float(np.mean(twelve_bit == 4095))
+    assert 0.2 < share_12 < 0.8
+    assert clipped_share(twelve_bit) == pytest.approx(share_12, abs=0.05)
+    rgb = np.repeat(bright[:, :, None], 3, axis=2)
+    assert clipped_share(rgb) == pytest.approx(expected, abs=0.05)
+
+
+def test_a_frame_of_one_value_is_clipped_only_at_full_scale() -> None:
+    assert clipped_share(np.full((16, 16), 255, np.uint8)) == 1.0
+    assert clipped_share(np.zeros((16, 16), np.uint8)) == 0.0
+    assert clipped_share(np.full((16, 16), 4095, np.uint16)) == 0.0
+    assert clipped_share(np.zeros((0, 4), np.uint8)) == 0.0
+
+
+def test_the_state_changes_after_frames_in_a_row_and_does_not_flap() -> None:
+    watch = ExposureWatch(OverexposureConfig(clipped_share=0.1, frames=3))
+    # Above the limit twice, then a dip: the run starts again.
+    assert [watch.observe(s) for s in (0.2, 0.2, 0.05, 0.2, 0.2)] == [None] * 5
+    assert watch.observe(0.2) == "overexposed" and watch.overexposed
+    # Below the limit but above half of it: still over-exposed.
+    assert [watch.observe(s) for s in (0.08, 0.08, 0.08, 0.08)] == [None] * 4
+    assert [watch.observe(s) for s in (0.01, 0.01, 0.01)] == [None, None, "exposure_ok"]
+    assert not watch.overexposed
+
+
+def test_bad_settings_are_refused_naming_the_key() -> None:
+    camera = {"id": "cam0", "source": {"kind": "synth"}}
+    for bad in ({"clipped_share": 0}, {"clipped_share": 1.5}, {"frames": 0}):
+        with pytest.raises(ConfigError, match="overexposure"):
+            validate_config({"line": "x", "cameras": [{**camera, "overexposure": bad}]})
+
+
+@pytest.fixture()
+def pull() -> Iterator[tuple[zmq.Socket[bytes], str]]:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    yield sock, f"tcp://127.0.0.1:{port}"
+    sock.close(linger=0)
+    ctx.term()
+
+
+def _statuses(sock: zmq.Socket[bytes]) -> list[CameraStatus]:
+    """Camera statuses until 'stopped' (frames skipped; bounded wait per message)."""
+    seen: list[CameraStatus] = []
+    while not seen or seen[-1].state != "stopped":
+        assert sock.poll(10_000), f"nothing received within 10 s after {seen[-1:]}"
+        parts = sock.recv_multipart(copy=False)
+        if len(parts) == 1:
+            status, _ = decode_decision_message(parts)
+            assert isinstance(status, CameraStatus)
+            seen.append(status)
+    return seen
+
+
+def test_acquisition_reports_an_overexposed_camera_and_its_recovery(
+    tmp_path: Path, pull: tuple[zmq.Socket[bytes], str]
 ) -> None:
-    cfg = ExposureJitter(gain=(0.8, 1.5), offset=(-0.05, 0.1))
-    image = _ramp(dtype)
-    full = float(np.iinfo(dtype).max)
-    for seed in range(20):
-        (out,) = jitter_exposure([image], np.random.default_rng(seed), cfg)
-        assert out.dtype == dtype and out.shape == image.shape
-        inside = (out > 0) & (out < full)  # clipped pixels say nothing about gain / offset
-        gain, offset = np.polyfit(image[inside] / full, out[inside] / full, 1)
-        assert 0.8 - 1e-2 <= gain <= 1.5 + 1e-2
-        assert -0.05 - 1e-2 <= offset <= 0.1 + 1e-2
+    sock, endpoint = pull
+    images = [_clipped(_texture(i), 1.6) for i in range(3)] + [_texture(i) for i in range(3, 6)]
+    for i, image in enumerate(images):
+        write_image(tmp_path / "parts" / f"{i}.png", image)
+    camera = CameraConfig.model_validate({
+        "id": "cam3",
+        "source": {"kind": "folder", "path": tmp_path / "parts", "fps": 500.0},
+        "overexposure": {"clipped_share": 0.1, "frames": 2},
+    })
+    process = AcquisitionProcess(camera, TransportConfig(frames_endpoint=endpoint))
+    runner = threading.Thread(target=process.run)
+    runner.start()
+    try:
+        statuses = _statuses(sock)
+    finally:
+        runner.join(timeout=30)
+    assert [s.state for s in statuses] == ["connected", "overexposed", "exposure_ok", "stopped"]
+    assert "check lighting" in statuses[1].detail and statuses[1].camera == "cam3"
 
 
-def test_jitter_clips_at_the_sensor_range_and_is_reproducible() -> None:
-    image = _ramp(np.uint8)
-    bright = ExposureJitter(gain=(1.5, 1.5), offset=(0.1, 0.1))
-    (out,) = jitter_exposure([image], np.random.default_rng(0), bright)
-    assert (out == 255).mean() > 0.3  # a plateau at white, as a real over-exposure gives
-    cfg = ExposureJitter()
-    a = jitter_exposure([image, image], np.random.default_rng(5), cfg)
-    b = jitter_exposure([image, image], np.random.default_rng(5), cfg)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
-    assert not np.array_equal(a[0], a[1])  # each image draws its own exposure
-
-
-def test_jitter_refuses_float_images_and_bad_ranges() -> None:
-    with pytest.raises(DataError, match="image 0"):
-        jitter_exposure([np.zeros((4, 4), np.float32)], np.random.default_rng(0), ExposureJitter())
-    with pytest.raises(ValidationError):
-        ExposureJitter(gain=(1.5, 0.8))
-    with pytest.raises(ValidationError):
-        ExposureJitter(gain=(0.0, 1.0))
-
-
-def test_model_files_without_the_setting_load_with_the_default() -> None:
-    stored = variant_settings("E").model_dump(mode="json")
-    del stored["memory_exposure"]
-    assert model_settings_from_dict(stored).memory_exposure == ExposureJitter()
-    assert ModelSettings().memory_exposure.copies == 2
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("exposure") / "data"
-    write_dataset(root, seed=5, size=SIZE, n_good=24, n_defect=2)
-    return root
-
-
-def _memory_distance(model: JointModel, frames: list[np.ndarray]) -> float:
-    """Mean memory distance of ``frames`` over their judged (not clipped) positions."""
-    settings = model.settings
-    backbone = build_backbone(settings, torch.device("cpu"))
-    assert backbone is not None
-    x, regions = model_input(frames, settings, "cpu")
-    with torch.inference_mode():
-        fwd = model(x, backbone(x), ("mem",))
-        maps = model.term_maps(fwd, ("mem",))["mem"]
-    grid = (int(maps.shape[-2]), int(maps.shape[-1]))
-    values = []
-    for i, region in enumerate(regions):
-        seen = torch.ones(grid, dtype=torch.bool)
-        if region.blind is not None:
-            blind = torch.from_numpy(region.blind.astype(np.float32))[None, None]
-            seen = torch.nn.functional.adaptive_avg_pool2d(blind, grid)[0, 0] < 0.5
-        values.append(maps[i, 0][seen])
-    return float(torch.cat(values).mean())
-
-
-def test_jittered_memory_finds_clipped_good_frames_more_normal(data: Path) -> None:
-    # A bright jitter range that always clips, so that 24 small images show the effect
-    # clearly; the default range clips in about a quarter of the copies.
-    bright = {"copies": 3, "gain": (1.45, 1.65), "offset": (0.05, 0.12)}
-    settings = variant_settings("E", size=SIZE, memory_exposure=bright)
-    ts = TrainSettings(augment_copies=0)
-    device = torch.device("cpu")
-    backbone = build_backbone(settings, device)
-    prepared = prepare_data(data, settings, ts, device, backbone, keep_pixels=True)
-    plain = _new_model(settings, backbone, prepared.train_cache).eval()
-    finish_model(plain, prepared.train_cache, seed=0)
-    jittered = _new_model(settings, backbone, prepared.train_cache).eval()
-    extra = exposure_batches(prepared.fit_samples, settings, backbone, device, seed=0)
-    finish_model(jittered, prepared.train_cache, seed=0, extra_memory=extra)
-
-    good = [read_image(s.path) for s in MVTecDataset(data).samples("val") if not s.is_defect]
-    over_cfg = ExposureJitter(gain=(1.55, 1.55), offset=(0.08, 0.08))
-    over = jitter_exposure(good, np.random.default_rng(0), over_cfg)
-    assert np.mean([m.mean() for f in over if (m := clipped_mask(f)) is not None]) > 0.2
-
-    def excess(model: JointModel) -> float:
-        """How much further from normal the over-exposed frames are than the clean ones."""
-        return _memory_distance(model, over) / _memory_distance(model, good)
-
-    assert excess(plain) > 1.3  # clipping alone looks abnormal to a memory of clean frames
-    assert excess(jittered) < 0.9 * excess(plain)
-
-
-def test_variants_without_a_memory_read_no_jittered_images(data: Path) -> None:
-    settings = variant_settings("B", size=SIZE)
-    samples = MVTecDataset(data).samples("train")
-    backbone = build_backbone(settings, torch.device("cpu"))
-    assert list(exposure_batches(samples, settings, backbone, torch.device("cpu"), 0)) == []
-    off = variant_settings("E", size=SIZE, memory_exposure={"copies": 0})
-    assert list(exposure_batches(samples, off, backbone, torch.device("cpu"), 0)) == []
+def test_the_watch_can_be_turned_off(tmp_path: Path, pull: tuple[zmq.Socket[bytes], str]) -> None:
+    sock, endpoint = pull
+    for i in range(3):
+        write_image(tmp_path / "parts" / f"{i}.png", _clipped(_texture(i), 1.6))
+    camera = CameraConfig.model_validate({
+        "id": "cam3",
+        "source": {"kind": "folder", "path": tmp_path / "parts", "fps": 500.0},
+        "overexposure": {"enabled": False, "frames": 1},
+    })
+    AcquisitionProcess(camera, TransportConfig(frames_endpoint=endpoint)).run()
+    assert [s.state for s in _statuses(sock)] == ["connected", "stopped"]

@@ -9,7 +9,8 @@ PUSH socket connected to ``transport.frames_endpoint``. The same socket carries:
   (camera drops, unreadable files, a full queue downstream), so that each of
   their sequence numbers still gets a fail-safe verdict;
 * :class:`~linewatch.wire.CameraStatus` when the camera is connected, lost,
-  reconnected and when acquisition stops.
+  reconnected, over-exposed and exposed right again (:mod:`linewatch.acquisition.exposure`),
+  and when acquisition stops.
 
 Sends never block the camera for long: a frame that cannot be queued before its
 own deadline is dropped and reported as a gap, since its verdict would be late
@@ -23,9 +24,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import numpy as np
 import zmq
 
 from linewatch.acquisition.base import FrameSource, MissedFrames, RawFrame, SourceLost, make_source
+from linewatch.acquisition.exposure import ExposureWatch, clipped_share
 from linewatch.config import CameraConfig, GenicamSource, LineConfig, TransportConfig
 from linewatch.errors import ConfigError
 from linewatch.lifecycle import notify_ready
@@ -43,7 +46,7 @@ STATUS_SEND_S = 0.5
 PART_ID_MAX = 128
 """Longest part id a frame header takes; longer ones keep their end (the most specific)."""
 
-StatusState = Literal["connected", "lost", "reconnected", "stopped"]
+StatusState = Literal["connected", "lost", "reconnected", "stopped", "overexposed", "exposure_ok"]
 
 
 @dataclass
@@ -105,6 +108,7 @@ class AcquisitionProcess:
         self._sock: zmq.Socket[Any] | None = None
         self._pending_gaps: list[tuple[int, int]] = []
         self._dropped = 0  # frames dropped for lack of room downstream
+        self._exposure = ExposureWatch(camera.overexposure)
         self._stop = threading.Event()
         self._log = get_logger("acquisition").bind(camera=camera.id)
 
@@ -196,6 +200,7 @@ class AcquisitionProcess:
         self._flush_gaps(0.0)
         if self._send(encode_frame(header, raw.pixels), until_ns=header.deadline_ns):
             self.stats.frames += 1
+            self._watch_exposure(raw.pixels)  # after the send: not on the frame's way
             return
         # Downstream stayed full until the frame's deadline: account for it as a gap.
         self.stats.errors += 1
@@ -209,6 +214,24 @@ class AcquisitionProcess:
                 reason="downstream full until deadline",
             )
         self._add_gap(seq, seq)
+
+    def _watch_exposure(self, pixels: np.ndarray) -> None:
+        if not self.camera.overexposure.enabled:
+            return
+        change = self._exposure.observe(clipped_share(pixels))
+        if change is None:
+            return
+        cfg = self.camera.overexposure
+        share = self._exposure.last_share
+        if change == "overexposed":
+            detail = (f"{share:.0%} of the frame at its brightest value, over "
+                      f"{cfg.clipped_share:.0%} for {cfg.frames} frames: check lighting and "
+                      "exposure time")
+            self._log.warning("camera_overexposed", clipped_share=round(share, 4))
+        else:
+            detail = f"{share:.0%} of the frame at its brightest value for {cfg.frames} frames"
+            self._log.info("camera_exposure_ok", clipped_share=round(share, 4))
+        self._send_status(change, detail)
 
     def _missed(self, item: MissedFrames) -> None:
         first = self._take_seqs(item.count)

@@ -30,8 +30,9 @@ camera at most once per ``cooldown_s``.
 
 Camera state changes that acquisition reports (``CameraStatus``) reach the decision
 service only, so the decision service writes their alarms to the same stream itself:
-``camera_lost`` (critical) and ``camera_reconnected`` (info), once per camera and
-status time (see :mod:`linewatch.decision.service`). ``camera_silent`` stays, for what
+``camera_lost`` (critical) and ``camera_reconnected`` (info), ``overexposed``
+(warning) and ``exposure_ok`` (info; :mod:`linewatch.acquisition.exposure`), once per
+camera and status time (see :mod:`linewatch.decision.service`). ``camera_silent`` stays, for what
 no status reports: an acquisition process that died, a decision service that is down.
 
 The consumer reads through the group ``alarms.group``, created at the end of the

@@ -102,6 +102,8 @@ REASON_STOPPED = "decision_stopped"
 _CAMERA_ALARMS: dict[str, tuple[str, Literal["info", "warning", "critical"]]] = {
     "lost": ("camera_lost", "critical"),
     "reconnected": ("camera_reconnected", "info"),
+    "overexposed": ("overexposed", "warning"),
+    "exposure_ok": ("exposure_ok", "info"),
 }
 
 
