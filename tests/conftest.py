@@ -1,4 +1,4 @@
-"""Shared fixtures: one real Redis server for the whole test session."""
+"""Shared fixtures: one real Redis server for the whole test session, a ZeroMQ receiver."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 import structlog
+import zmq
 from hypothesis import settings
 
 from linewatch.streams.server import EmbeddedRedis
@@ -48,6 +49,18 @@ def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_server.url)
     yield client
     client.close()
+
+
+@pytest.fixture()
+def pull() -> Iterator[tuple[zmq.Socket[bytes], str]]:
+    """A PULL socket on a free 127.0.0.1 port and its endpoint: where an acquisition
+    process under test sends its frames and notices."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    yield sock, f"tcp://127.0.0.1:{port}"
+    sock.close(linger=0)
+    ctx.term()
 
 
 @pytest.fixture()

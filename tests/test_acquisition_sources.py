@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,16 +159,6 @@ def test_synth_unknown_surface_is_a_config_error() -> None:
 
 
 # ---------------------------------------------------------------------- process
-
-
-@pytest.fixture()
-def pull() -> Iterator[tuple[zmq.Socket[bytes], str]]:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    yield sock, f"tcp://127.0.0.1:{port}"
-    sock.close(linger=0)
-    ctx.term()
 
 
 def _receive(sock: zmq.Socket[bytes], until_stopped: bool = True) -> list[Message]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -70,16 +69,6 @@ def test_bad_settings_are_refused_naming_the_key() -> None:
     for bad in ({"clipped_share": 0}, {"clipped_share": 1.5}, {"frames": 0}):
         with pytest.raises(ConfigError, match="overexposure"):
             validate_config({"line": "x", "cameras": [{**camera, "overexposure": bad}]})
-
-
-@pytest.fixture()
-def pull() -> Iterator[tuple[zmq.Socket[bytes], str]]:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    yield sock, f"tcp://127.0.0.1:{port}"
-    sock.close(linger=0)
-    ctx.term()
 
 
 def _statuses(sock: zmq.Socket[bytes]) -> list[CameraStatus]:
