@@ -99,6 +99,11 @@ def test_lost_camera_raises_alarms_and_reconnects(setup: Setup) -> None:
     assert result.details["alarms"][:2] == ["camera_lost", "camera_reconnected"]
 
 
+def test_an_overexposed_camera_is_reported_and_its_recovery_too(setup: Setup) -> None:
+    result = _run("overexposed_camera", setup)
+    assert result.details["alarms"] == ["overexposed", "exposure_ok"]
+
+
 def test_slow_worker_never_lets_a_frame_pass_its_deadline_unsafely(setup: Setup) -> None:
     result = _run("slow_worker", setup)
     scored_slow, scored_fast = result.details["scored"]

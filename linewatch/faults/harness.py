@@ -66,6 +66,7 @@ class LineSpec:
     source: Table
     frames: int
     deadline_ms: float = 5000.0
+    overexposure: Table = field(default_factory=dict)
     workers: Table = field(default_factory=dict)
     transport: Table = field(default_factory=dict)
     decision: Table = field(default_factory=dict)
@@ -91,6 +92,7 @@ class LineSpec:
             f"line = {toml_value(self.line)}\n\n[[cameras]]\n",
             *(f"{k} = {toml_value(v)}\n" for k, v in camera.items()),
             toml_table("cameras.source", self.source),
+            toml_table("cameras.overexposure", self.overexposure) if self.overexposure else "",
             toml_table("transport", transport),
             toml_table("workers", workers),
             toml_table("model", {"path": str(self.model)}),

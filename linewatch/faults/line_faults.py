@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from linewatch.data.images import read_image, write_image
 from linewatch.faults.harness import CAMERA, FaultLine, LineSpec
 from linewatch.faults.invariant import Tally, tally
 from linewatch.faults.result import FaultResult, Setup
@@ -300,6 +303,42 @@ def corrupt_images(setup: Setup) -> FaultResult:
         behaviour=f"each unreadable file became a fail-safe missed_frame verdict ({len(missed)})",
         tally=t, recover_s=None, problems=problems, details={"bad_files": bad},
     )
+
+
+def overexposed_camera(setup: Setup) -> FaultResult:
+    """The lamp of a folder replay is turned up for its middle third, then down again."""
+    work = setup.folder("overexposed_camera")
+    folder = work / "images"
+    frames = write_overexposed_folder(setup.data, folder, each=8)
+    spec = _spec(setup, "exposure", frames=frames, deadline_ms=5000.0,
+                 source={"kind": "folder", "path": str(folder), "fps": 20.0},
+                 overexposure={"frames": 3})
+    with FaultLine(spec, work) as fl:
+        t, _ = _finish(fl, frames)
+        kinds = [a.kind for a in fl.alarms() if a.camera == CAMERA]
+    problems = _problems(t, frames, {
+        f"alarms {kinds}, not overexposed then exposure_ok":
+            kinds == ["overexposed", "exposure_ok"],
+    })
+    return FaultResult(
+        name="overexposed_camera",
+        fault=f"{frames // 3} of {frames} frames at 1.6x gain, clipped at white",
+        behaviour=f"alarms: {', '.join(kinds) or 'none'}; every frame still got its verdict",
+        tally=t, recover_s=None, problems=problems, details={"alarms": kinds},
+    )
+
+
+def write_overexposed_folder(data: Path, folder: Path, each: int) -> int:
+    """``each`` images of a data set's test/good split (repeated if it holds fewer), the
+    same at 1.6x gain clipped at white, then the same as they are; returns the file count."""
+    paths = sorted((data / "test" / "good").glob("*.png"))
+    images = [read_image(paths[i % len(paths)]) for i in range(each)]
+    for i, image in enumerate(images):
+        bright = np.clip(image.astype(np.float32) * 1.6, 0, 255).astype(np.uint8)
+        write_image(folder / f"{i:02d}_normal.png", image)
+        write_image(folder / f"{each + i:02d}_bright.png", bright)
+        write_image(folder / f"{2 * each + i:02d}_normal_again.png", image)
+    return 3 * each
 
 
 def write_corrupt_folder(data: Path, folder: Path, good: int) -> list[str]:

@@ -21,6 +21,8 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("camera_lost", "camera unplugged and back", line_faults.camera_lost),
     Scenario("slow_worker", "one worker slower than the deadline", line_faults.slow_worker),
     Scenario("corrupt_images", "corrupt image files in a replay", line_faults.corrupt_images),
+    Scenario("overexposed_camera", "lighting turned up, then down",
+             line_faults.overexposed_camera),
     Scenario("nonfinite_scores", "NaN/inf in the model's output", line_faults.nonfinite_scores),
     Scenario("bad_model_file", "model file of another version / bad checksum",
              refusals.bad_model_file),
