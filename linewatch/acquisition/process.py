@@ -229,7 +229,8 @@ class AcquisitionProcess:
                       "exposure time")
             self._log.warning("camera_overexposed", clipped_share=round(share, 4))
         else:
-            detail = f"{share:.0%} of the frame at its brightest value for {cfg.frames} frames"
+            detail = (f"{share:.0%} of the frame at its brightest value, under "
+                      f"{cfg.clipped_share / 2:.1%} for {cfg.frames} frames")
             self._log.info("camera_exposure_ok", clipped_share=round(share, 4))
         self._send_status(change, detail)
 

@@ -27,8 +27,9 @@ not a second verdict.
 
 Camera status from acquisition becomes an alarm on ``linewatch:<line>:alarms``: a
 lost camera ``camera_lost`` (critical), a reconnected one ``camera_reconnected``
-(info); written once per camera and status time, and spooled with the verdicts
-while Redis is away.
+(info), an over-exposed one ``overexposed`` (warning) and ``exposure_ok`` (info) when
+its frames stop clipping; written once per camera and status time, and spooled with
+the verdicts while Redis is away.
 """
 
 from __future__ import annotations
