@@ -163,6 +163,10 @@ def assert_each_frame_ends_once(decision: Decision, frame_ids: list[str]) -> Non
     assert sorted(decision.outcomes) == sorted(frame_ids)
     twice = {fid: outs for fid, outs in decision.outcomes.items() if len(outs) != 1}
     assert not twice, f"frames with more than one outcome: {twice}"
+    # A result can overtake its announcement (two senders into one socket, as decision
+    # allows for): read on until every announcement is in; a missing one fails after WAIT_S.
+    until(lambda: len(decision.announced) >= len(frame_ids), lambda: decision.read(50),
+          "every announcement")
     assert sorted(decision.announced) == sorted(frame_ids)
 
 
