@@ -13,7 +13,9 @@ needs no bit depth (12 bits in a uint16 clip at 4095). An image that is not clip
 few pixels at exactly its maximum: :func:`clipped_share` of the 204 magnetic-tile
 test/good images is 0.03 % (median) and 3.5 % at most; under ``light:strong`` 0.5 %
 (median) and up to 78 %, 5 % or more in 28 % of them. A frame of one value throughout
-counts as clipped only at the dtype's full scale (a white frame, not a black one).
+counts as clipped only at the dtype's full scale (a white frame, not a black one). The
+GenTL simulator ``viky.cti`` delivers frames that are white but for a few pixels (99.8 %
+of the values at 255), so a line on it reports its cameras ``overexposed``, rightly.
 
 >>> watch = ExposureWatch(OverexposureConfig(clipped_share=0.05, frames=2))
 >>> [watch.observe(s) for s in (0.2, 0.3, 0.3, 0.01, 0.02)]
