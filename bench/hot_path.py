@@ -23,6 +23,7 @@ from redis.connection import HiredisRespSerializer, PythonRespSerializer
 from linewatch.decision.postprocess import (
     find_regions,
     render_heatmap,
+    scaled_map,
     smooth_maps,
     smoothed_regions,
 )
@@ -60,8 +61,8 @@ def main() -> None:
         ("map float32 -> float16, numpy astype", lambda: amap.astype(np.float16)),
         ("map float32 -> float16, torch (worker)", lambda: torch.from_numpy(amap).half()),
         ("map float16 -> float32, numpy astype", lambda: half.astype(np.float32)),
-        ("map float16 -> float32, cv2.addWeighted (decision)",
-         lambda: cv2.addWeighted(half, 1.0, half, 0.0, 0.0, dtype=cv2.CV_32F)),
+        ("map float16 -> float32, cv2.addWeighted (decision's scaled_map)",
+         lambda: scaled_map(half)),
         ("map float16 -> float32 + blur, smooth_maps (decision)",
          lambda: smooth_maps(half[None], 4.0)),
         ("Gaussian blur sigma 4 alone", lambda: cv2.GaussianBlur(amap, (0, 0), 4.0)),

@@ -56,10 +56,19 @@ def smooth_maps(maps: np.ndarray, sigma: float, scale: float = 1.0) -> np.ndarra
         raise ValueError(f"maps must be (B, H, W), got shape {maps.shape}")
     out = np.empty(maps.shape, np.float32)
     for i in range(maps.shape[0]):
-        # cv2 converts float16 about 10x faster than numpy's astype does
-        # (bench/hot_path.py), which matters at one map per frame.
-        cv2.addWeighted(maps[i], scale, maps[i], 0.0, 0.0, dst=out[i], dtype=cv2.CV_32F)
+        scaled_map(maps[i], scale, out=out[i])
         _blur(out[i], sigma)
+    return out
+
+
+def scaled_map(amap: np.ndarray, scale: float = 1.0, out: np.ndarray | None = None) -> np.ndarray:
+    """``amap`` (H, W; float16 as maps travel on the wire, or float32) times ``scale``, as
+    float32, into ``out`` when given."""
+    if out is None:
+        out = np.empty(amap.shape, np.float32)
+    # cv2 converts float16 about 10x faster than numpy's astype does (bench/hot_path.py),
+    # which matters at one map per frame.
+    cv2.addWeighted(amap, scale, amap, 0.0, 0.0, dst=out, dtype=cv2.CV_32F)
     return out
 
 

@@ -51,7 +51,7 @@ from linewatch.decision.ordering import VerdictOrder
 from linewatch.decision.postprocess import (
     Region,
     render_heatmap,
-    smooth_maps,
+    scaled_map,
     smoothed_regions,
 )
 from linewatch.decision.tracker import FrameTracker, MissedFrame
@@ -410,7 +410,7 @@ class DecisionService:
     def _decide(self, result: ResultHeader, stored_map: np.ndarray, now: int) -> VerdictBatch:
         frame = result.frame
         decision = self.cfg.decision
-        amap = smooth_maps(stored_map[None], 0.0, result.map_scale)[0]  # float32, scaled
+        amap = scaled_map(stored_map, result.map_scale)
         if not math.isfinite(result.score) or not np.isfinite(amap).all():
             self.counters.bad_results += 1
             log.warning("bad_result", frame_id=frame.frame_id, worker=result.worker)
