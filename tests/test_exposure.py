@@ -15,6 +15,7 @@ from linewatch.config import CameraConfig, OverexposureConfig, TransportConfig, 
 from linewatch.data.images import write_image
 from linewatch.data.synth import make_image
 from linewatch.errors import ConfigError
+from linewatch.model.preprocess import ExposureJitter, jitter_exposure
 from linewatch.transport.codec import decode_decision_message
 from linewatch.wire import CameraStatus
 
@@ -25,7 +26,8 @@ def _texture(seed: int = 0, size: int = 64) -> np.ndarray:
 
 
 def _clipped(image: np.ndarray, gain: float) -> np.ndarray:
-    return np.clip(image.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    fixed = ExposureJitter(gain=(gain, gain), offset=(0.0, 0.0))
+    return jitter_exposure([image], np.random.default_rng(0), fixed)[0]
 
 
 def test_a_textured_frame_has_almost_nothing_at_its_brightest_value() -> None:

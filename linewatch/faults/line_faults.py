@@ -22,6 +22,7 @@ from linewatch.data.images import read_image, write_image
 from linewatch.faults.harness import CAMERA, FaultLine, LineSpec
 from linewatch.faults.invariant import Tally, tally
 from linewatch.faults.result import FaultResult, Setup
+from linewatch.model.preprocess import ExposureJitter, jitter_exposure
 from linewatch.streams.records import VerdictRecord
 
 STREAM_TIMEOUT_S = 60.0
@@ -333,8 +334,9 @@ def write_overexposed_folder(data: Path, folder: Path, each: int) -> int:
     same at 1.6x gain clipped at white, then the same as they are; returns the file count."""
     paths = sorted((data / "test" / "good").glob("*.png"))
     images = [read_image(paths[i % len(paths)]) for i in range(each)]
-    for i, image in enumerate(images):
-        bright = np.clip(image.astype(np.float32) * 1.6, 0, 255).astype(np.uint8)
+    lamp_up = ExposureJitter(gain=(1.6, 1.6), offset=(0.0, 0.0))
+    brightened = jitter_exposure(images, np.random.default_rng(0), lamp_up)
+    for i, (image, bright) in enumerate(zip(images, brightened, strict=True)):
         write_image(folder / f"{i:02d}_normal.png", image)
         write_image(folder / f"{each + i:02d}_bright.png", bright)
         write_image(folder / f"{2 * each + i:02d}_normal_again.png", image)
