@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ __all__ = [
     "redis_server",
     "running_line",
     "sample_batch",
+    "silent_listener",
     "tiny_model",
     "wait_until",
 ]
@@ -56,6 +58,24 @@ def redis_server(directory: Path | str | None = None, aof: bool = False) -> Iter
         EmbeddedRedis(Path(directory or tmp), aof=aof) as server,
     ):
         yield server
+
+
+@contextmanager
+def silent_listener(port: int = 0) -> Iterator[int]:
+    """A TCP port on 127.0.0.1 that takes connections and never answers; yields the port.
+
+    Connections complete in the kernel's backlog and then nothing is read or written, as
+    with a server whose host drops packets: a client waits for its timeout instead of
+    being refused. ``port`` 0 picks a free one; a given one (a stopped server's) is reused.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(64)
+        yield int(listener.getsockname()[1])
+    finally:
+        listener.close()
 
 
 def read_stream(client: redis.Redis, key: str, record_type: type[R]) -> list[R]:

@@ -192,6 +192,7 @@ class DecisionService:
                 sock.close()
                 self.flush_order()
                 self.writer.flush()
+                self.writer.close()
                 log.info("decision_stopped", **self.stats())
 
     def restore(self) -> None:

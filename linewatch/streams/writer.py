@@ -13,13 +13,14 @@ its own rules' alarms itself, together with its acknowledgements.
 
 When Redis cannot be reached the records go to the on-disk :class:`Spool` and are
 drained, in order, once Redis answers again; ``write_verdict`` never raises for an
-unreachable Redis.
+unreachable Redis. After a failure the writer does not try Redis itself until a
+:class:`~linewatch.streams.probe.RedisProbe` has had a PING answered, so a Redis that does
+not answer at all costs the caller one timeout, not one per retry.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -27,6 +28,7 @@ import redis
 
 from linewatch.config import DecisionConfig, RedisConfig
 from linewatch.log import get_logger
+from linewatch.streams.probe import RedisProbe
 from linewatch.streams.records import (
     AlarmRecord,
     DefectRecord,
@@ -122,7 +124,8 @@ class StreamWriter:
     """Writes to the streams of line ``line``; spools to ``spool`` while Redis is away.
 
     ``decision`` chooses where heatmaps go (``decision.heatmaps``); ``spool`` defaults
-    to ``<redis.spool_dir>/<line>``. Not thread-safe: one writer per thread.
+    to ``<redis.spool_dir>/<line>``. Not thread-safe: one writer per thread. :meth:`close`
+    stops its probe.
     """
 
     def __init__(
@@ -132,7 +135,6 @@ class StreamWriter:
         cfg: RedisConfig,
         decision: DecisionConfig | None = None,
         spool: Spool | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.keys = StreamKeys(line)
@@ -140,11 +142,14 @@ class StreamWriter:
         self.decision = decision or DecisionConfig()
         self.spool = spool or Spool(cfg.spool_dir / line, cfg.spool_max_bytes)
         self.counters = WriterCounters()
-        self._clock = clock
+        self.probe = RedisProbe(client, cfg.retry_interval_s)
         self._script = client.register_script(_WRITE_FRAME_LUA)
         self._alarm_script = client.register_script(_WRITE_ALARM_LUA)
         self._pending_script = client.register_script(_NOTE_PENDING_LUA)
-        self._next_try = 0.0  # while records are spooled, Redis is tried again from then on
+
+    def close(self) -> None:
+        """Stop the probe (the client is the caller's to close)."""
+        self.probe.close()
 
     # ------------------------------------------------------------------ verdicts
 
@@ -179,7 +184,7 @@ class StreamWriter:
         items = [self._with_heatmaps(batch) for batch in batches]
         if not items:
             return []
-        if self.spool and not self.flush(force=False):
+        if not self._redis_ready():
             return [self._to_spool(item) for item in items]
         try:
             entry_ids = self._run_frame_scripts(items)
@@ -262,8 +267,7 @@ class StreamWriter:
 
         False when the frame's verdict was written before (an announcement repeated to
         a restarted service), else True. Skipped (True) while Redis is away, so that an
-        outage costs one failed attempt per ``redis.retry_interval_s`` rather than one
-        per frame.
+        outage costs one failed attempt, not one per frame.
         """
         if self.redis_away:
             return True
@@ -275,7 +279,7 @@ class StreamWriter:
         except redis.RedisError as exc:
             # Best effort: while Redis is away the in-memory tracker still has the frame.
             self.counters.redis_errors += 1
-            self._next_try = self._clock() + self.cfg.retry_interval_s
+            self.probe.redis_failed()
             log.debug("pending_not_saved", frame_id=header.frame_id, error=str(exc))
             return True
         return bool(noted)
@@ -300,11 +304,15 @@ class StreamWriter:
 
     @property
     def redis_away(self) -> bool:
-        """True while records wait in the spool or Redis failed within the retry interval."""
-        return bool(self.spool) or self._clock() < self._next_try
+        """True while records wait in the spool or Redis has not answered since a failure."""
+        return bool(self.spool) or self.probe.away
+
+    def _redis_ready(self) -> bool:
+        """Whether to write to Redis now: it answers and the spool (if any) has drained."""
+        return not self.probe.away and self.flush(force=False)
 
     def _write(self, item: SpoolItem) -> bool:
-        if self.spool and not self.flush(force=False):
+        if not self._redis_ready():
             return self._to_spool(item)
         try:
             written = self._write_redis(item)
@@ -316,18 +324,19 @@ class StreamWriter:
     def flush(self, force: bool = True) -> bool:
         """Drain the spool into Redis; True when it is empty afterwards.
 
-        Without ``force``, Redis is tried at most every ``redis.retry_interval_s``
-        while it is away, so a dead server does not slow every write down.
+        Without ``force``, Redis is not tried while it is away (after a failure, until
+        the probe's PING is answered), so a dead server does not slow every write down.
         """
         if not self.spool:
             return True
-        if not force and self._clock() < self._next_try:
+        if not force and self.probe.away:
             return False
         try:
             self.spool.drain(self)
         except redis.RedisError as exc:
             self._redis_failed(exc)
             return False
+        self.probe.redis_answered()
         log.info("redis_back", drained_total=self.counters.drained)
         return True
 
@@ -338,7 +347,7 @@ class StreamWriter:
 
     def _redis_failed(self, exc: redis.RedisError) -> None:
         self.counters.redis_errors += 1
-        self._next_try = self._clock() + self.cfg.retry_interval_s
+        self.probe.redis_failed()
         log.warning("redis_unavailable_spooling", error=str(exc), spool=str(self.spool.directory))
 
     def _to_spool(self, item: SpoolItem) -> bool:
