@@ -94,6 +94,12 @@ def test_redis_outage_is_spooled_and_the_gate_gets_every_reject(setup: Setup) ->
     assert result.details["gate_signals"] == result.details["rejects"] > 0
 
 
+def test_a_silent_redis_is_tried_once_and_no_frame_is_late(setup: Setup) -> None:
+    result = _run("redis_silent", setup)
+    assert result.tally is not None and result.tally.holds
+    assert result.details["redis_tries"] == 1
+
+
 def test_lost_camera_raises_alarms_and_reconnects(setup: Setup) -> None:
     result = _run("camera_lost", setup)
     assert result.details["alarms"][:2] == ["camera_lost", "camera_reconnected"]

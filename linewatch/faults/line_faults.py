@@ -24,6 +24,7 @@ from linewatch.faults.invariant import Tally, tally
 from linewatch.faults.result import FaultResult, Setup
 from linewatch.model.preprocess import ExposureJitter, jitter_exposure
 from linewatch.streams.records import VerdictRecord
+from linewatch.testing import silent_listener
 
 STREAM_TIMEOUT_S = 60.0
 """How long a scenario waits for all its verdicts: a bound for a loaded machine."""
@@ -196,6 +197,60 @@ def redis_outage(setup: Setup) -> FaultResult:
         tally=t, recover_s=round(recovered_at - started_at, 2) if drained else None,
         problems=problems, details={"outage_s": round(started_at - stopped_at, 2),
                                     "gate_signals": signals, "rejects": rejects},
+    )
+
+
+REDIS_SILENT_S = 10.0
+
+
+def redis_silent(setup: Setup) -> FaultResult:
+    """Redis's port stops answering for 10 s (a listener that never replies: no refusal,
+    each command waits for its timeout), then Redis is back.
+
+    Decision must try the silent server once, spool, and leave the asking to its probe:
+    one failed write, not one per retry interval, and no frame late for its deadline.
+    """
+    frames = 200
+    timeout_s = 0.5
+    spec = _spec(setup, "silent", frames=frames, deadline_ms=5000.0,
+                 source={**_SYNTH, "fps": 10.0, "defect_ratio": 0.3},
+                 redis={"socket_timeout_s": timeout_s, "retries": 1})
+    with FaultLine(spec, setup.folder("redis_silent")) as fl:
+        fl.wait_verdicts(20, STREAM_TIMEOUT_S)
+        spool = fl.config_path.parent / "spool" / spec.line
+        port = fl.redis.port
+        fl.redis.stop()
+        with silent_listener(port):
+            silent_at = time.monotonic()
+            spooled = fl.poll(lambda: any(spool.glob("segment-*.jsonl")), REDIS_SILENT_S,
+                              "records spooled")
+            time.sleep(max(0.0, silent_at + REDIS_SILENT_S - time.monotonic()))
+        fl.redis.start()
+        started_at = time.monotonic()
+        drained = fl.poll(lambda: not any(spool.glob("segment-*.jsonl")), STREAM_TIMEOUT_S,
+                          "spool drained")
+        recovered_at = time.monotonic()
+        t, verdicts = _finish(fl, frames)
+        tries = _last_int(fl.log_text("decide"), r"writer_redis_errors=(\d+)")
+    late = max((v.latency_ms or 0.0 for v in verdicts), default=0.0)
+    # A frame decided after more than one command timeout waited for a try of Redis.
+    stalled = sum((v.latency_ms or 0.0) > 1000.0 * timeout_s for v in verdicts)
+    problems = _problems(t, frames, {
+        "nothing was spooled while Redis was silent": spooled,
+        "the spool was not drained after Redis returned": drained,
+        f"decision tried the silent Redis {tries} times, not once": tries == 1,
+        "a frame was rejected fail-safe while Redis was silent": t.fail_safe == 0,
+    })
+    return FaultResult(
+        name="redis_silent",
+        fault=f"Redis's port silent (no answer, no refusal) for {REDIS_SILENT_S:.0f} s",
+        behaviour=(f"decision tried it {tries} time(s), then spooled while a probe PINGed; "
+                   f"{stalled} frame(s) decided after > {timeout_s:g} s (slowest {late:.0f} ms); "
+                   "drained in order on return"),
+        tally=t, recover_s=round(recovered_at - started_at, 2) if drained else None,
+        problems=problems, details={"silent_s": round(started_at - silent_at, 2),
+                                    "redis_tries": tries, "stalled_decisions": stalled,
+                                    "max_decided_latency_ms": late},
     )
 
 

@@ -18,6 +18,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("worker_killed", "kill -9 of an inference worker", line_faults.worker_killed),
     Scenario("decision_killed", "kill -9 of the decision service", line_faults.decision_killed),
     Scenario("redis_outage", "Redis away for 10 s", line_faults.redis_outage),
+    Scenario("redis_silent", "Redis's port silent for 10 s", line_faults.redis_silent),
     Scenario("camera_lost", "camera unplugged and back", line_faults.camera_lost),
     Scenario("slow_worker", "one worker slower than the deadline", line_faults.slow_worker),
     Scenario("corrupt_images", "corrupt image files in a replay", line_faults.corrupt_images),
