@@ -50,7 +50,7 @@ class Rig:
         self.decision = make_socket(ctx, "pull", t, "bind", t.results_endpoint, "test.decision")
         self.dispatcher = Dispatcher(t, ctx)
         self.camera = make_socket(ctx, "push", t, "connect", t.frames_endpoint, "test.camera")
-        self.link = WorkerLink(t, "w0", cfg.workers.max_batch, ctx=ctx)
+        self.link = WorkerLink(t, "w0", cfg.workers.batch_limit("cpu"), ctx=ctx)
         self.worker = InferenceWorker(
             cfg, "w0", Scorer.load(cfg.model.path, "cpu"), self.link,
             load_scorer=lambda p: Scorer.load(p, "cpu"),

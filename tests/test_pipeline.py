@@ -57,10 +57,9 @@ spool_dir = "{tmp}/spool"
 
 
 def _verdicts(client: redis.Redis, line: str, count: int) -> list[VerdictRecord]:
-    return wait_until(
-        lambda: (v := read_records(client, line, VerdictRecord)) and len(v) >= count and v,
-        timeout_s=LINE_TIMEOUT_S, interval_s=0.2, what=f"{count} verdicts",
-    )
+    wait_until(lambda: len(read_records(client, line, VerdictRecord)) >= count,
+               timeout_s=LINE_TIMEOUT_S, interval_s=0.2, what=f"{count} verdicts")
+    return read_records(client, line, VerdictRecord)
 
 
 def test_genicam_frames_through_two_workers_end_as_one_verdict_each_in_order(

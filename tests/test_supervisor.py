@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from linewatch.runtime.supervisor import BackoffPolicy, ProcessSpec, Supervisor
@@ -24,7 +25,7 @@ while True:
 """
 
 
-def _wait_for(predicate, timeout_s: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+def _wait_for(predicate: Callable[[], object], timeout_s: float = 20.0) -> bool:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if predicate():
