@@ -324,7 +324,8 @@ class RedisConfig(_Strict):
     socket_timeout_s: float = Field(2.0, gt=0, description="connect and command timeout")
     retries: int = Field(2, ge=0, description="retries of a failed command before spooling")
     retry_interval_s: float = Field(
-        1.0, gt=0, description="while Redis is away, how often writing to it is tried again"
+        1.0, gt=0, description="while Redis is away, how often the decision service's probe "
+        "PINGs it (writing resumes once it answers) and the consumers try it again"
     )
 
 
