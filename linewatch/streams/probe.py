@@ -23,7 +23,8 @@ class RedisProbe:
     """PINGs ``client`` every ``interval_s`` from :meth:`redis_failed` until it answers.
 
     The client is shared with the writer: redis-py clients are thread-safe, and the PING
-    takes its own connection from the pool.
+    takes its own connection from the pool. A PING waits like any command (timeout and
+    retries), so Redis is seen back at most that wait plus ``interval_s`` after it answers.
     """
 
     def __init__(self, client: redis.Redis, interval_s: float) -> None:
