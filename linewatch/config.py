@@ -56,7 +56,19 @@ class GenicamSource(_Strict):
     )
 
 
-class FolderSource(_Strict):
+class _PacedSource(_Strict):
+    """A source the acquisition process reads at a set rate (not a camera, which paces itself)."""
+
+    fps: float = Field(10.0, gt=0)
+    phase_ms: float | None = Field(
+        None, ge=0,
+        description="read on the host's shared clock: at whole multiples of 1/fps plus this "
+        "offset (taken modulo the frame period), so sources with the same fps and phase read "
+        "together, like cameras on one trigger; none = paced from this source's own start",
+    )
+
+
+class FolderSource(_PacedSource):
     """Replays the images of a folder (or an MVTec-layout data set) at a set rate."""
 
     kind: Literal["folder"] = "folder"
@@ -64,15 +76,13 @@ class FolderSource(_Strict):
     split: str | None = Field(
         None, description="replay <path>/<split> of an MVTec-layout data set, e.g. test"
     )
-    fps: float = Field(10.0, gt=0)
     loop: bool = False
 
 
-class SynthSource(_Strict):
+class SynthSource(_PacedSource):
     """Frames made on the fly by the synthetic data generator."""
 
     kind: Literal["synth"] = "synth"
-    fps: float = Field(10.0, gt=0)
     size: int = Field(256, ge=32, le=4096)
     surface: str = "brushed_metal"
     defect_ratio: float = Field(0.1, ge=0.0, le=1.0)

@@ -9,10 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from linewatch.acquisition import FrameSource, MissedFrames, RawFrame, SourceItem, SourceLost
 from linewatch.acquisition.folder import FolderReplay
-from linewatch.acquisition.process import AcquisitionProcess
+from linewatch.acquisition.process import AcquisitionProcess, next_slot
 from linewatch.acquisition.synth import SynthCamera
 from linewatch.config import CameraConfig, FolderSource, SynthSource, TransportConfig
 from linewatch.data.images import write_image
@@ -377,3 +380,21 @@ def test_folder_replays_the_magnetic_tile_val_split() -> None:
         assert first.part_id.startswith("good/")
         assert first.pixels.dtype == np.uint8 and first.pixels.ndim in (2, 3)
         assert not any("ground_truth" in str(p) for p in source.files)
+
+
+@given(now=st.floats(0.0, 1e6), period=st.floats(1e-3, 10.0), phase=st.floats(0.0, 10.0))
+def test_next_slot_is_the_first_grid_time_from_now(now: float, period: float,
+                                                   phase: float) -> None:
+    slot = next_slot(now, period, phase)
+    tolerance = 1e-6 * max(1.0, now)  # slots are rounded to the ns
+    assert now - tolerance <= slot < now + period + tolerance
+    periods = (slot - phase) / period
+    assert abs(periods - round(periods)) * period < tolerance
+
+
+def test_phased_sources_carry_their_phase_and_a_negative_one_is_refused() -> None:
+    camera = SynthCamera(SynthSource(fps=20.0, phase_ms=12.5))
+    assert (camera.pace_hz, camera.pace_phase_s) == (20.0, 0.0125)
+    assert SynthCamera(SynthSource()).pace_phase_s is None
+    with pytest.raises(ValidationError, match="phase_ms"):
+        FolderSource(path=Path("x"), phase_ms=-1.0)

@@ -74,6 +74,8 @@ class FrameSource(ABC):
 
     pace_hz: float | None = None
     """Rate the caller should read at; None when the source paces itself (a camera)."""
+    pace_phase_s: float | None = None
+    """Offset of the reads on the host's monotonic clock (see ``phase_ms``); None: none."""
 
     def __init__(self) -> None:
         self._stop = threading.Event()

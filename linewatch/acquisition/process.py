@@ -19,6 +19,7 @@ anyway and waiting longer would overflow the camera's buffers instead.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -158,7 +159,7 @@ class AcquisitionProcess:
     # ------------------------------------------------------------------ main loop
 
     def _loop(self) -> None:
-        pacer = _Pacer(self.source.pace_hz)
+        pacer = _Pacer(self.source.pace_hz, self.source.pace_phase_s)
         last_stats = time.monotonic()
         frames_at_last = 0
         while pacer.wait(self._stop):
@@ -344,11 +345,14 @@ class _Pacer:
     """Spaces reads ``1/hz`` apart on the monotonic clock, without drift or bursts.
 
     Read ``n`` is due at ``t0 + n/hz``; after falling more than a frame behind,
-    the schedule restarts from now instead of catching up in a burst.
+    the schedule restarts instead of catching up in a burst. ``t0`` is now, or with
+    ``phase_s`` the next slot of :func:`next_slot` (so that paced sources of one host
+    with the same rate and phase read together).
     """
 
-    def __init__(self, hz: float | None) -> None:
+    def __init__(self, hz: float | None, phase_s: float | None = None) -> None:
         self._period = 1.0 / hz if hz else None
+        self._phase_s = phase_s
         self.restart()
 
     def restart(self) -> None:
@@ -361,14 +365,32 @@ class _Pacer:
             return not stop.is_set()
         now = time.monotonic()
         if self._t0 is None:
-            self._t0 = now
+            self._t0 = self._start(now, self._period)
         due = self._t0 + self._n * self._period
         if now - due > self._period:
-            self._t0, self._n, due = now, 0, now
+            self._t0, self._n = self._start(now, self._period), 0
+            due = self._t0
         self._n += 1
         if due > now:
             return not stop.wait(due - now)
         return not stop.is_set()
+
+    def _start(self, now: float, period: float) -> float:
+        return now if self._phase_s is None else next_slot(now, period, self._phase_s)
+
+
+def next_slot(now: float, period: float, phase: float) -> float:
+    """The first time at or after ``now`` that is ``phase`` plus a whole number of periods.
+
+    On the monotonic clock, which every process of a host shares.
+
+    >>> next_slot(10.02, 0.1, 0.05)
+    10.05
+    >>> next_slot(10.05, 0.1, 0.05)
+    10.05
+    """
+    slots = math.ceil(round((now - phase) / period, 9))  # 9 places: float noise on a slot
+    return round(phase + slots * period, 9)
 
 
 def auto_start_seq() -> int:
