@@ -20,11 +20,13 @@ from linewatch.bench.pipeline import (
     PipelinePlan,
     PipelineRun,
     WrittenVerdict,
+    line_config_text,
     read_written,
     summarise_run,
 )
 from linewatch.bench.report import BenchReport
 from linewatch.cli import main
+from linewatch.config import SynthSource, load_config
 from linewatch.streams.records import StreamKeys, VerdictRecord
 
 MS = 1_000_000
@@ -175,7 +177,7 @@ def test_smallest_bench_writes_every_figure(
         "--cache", str(tmp_path / "cache"), "--sizes", "64", "--batches", "1", "2",
         "--tiled-frame", "128", "--repeats", "1", "--warmup", "0", "--cameras", "1",
         "--fps", "10", "--seconds", "1", "--warmup-seconds", "0.5", "--frame-size", "64",
-        "--max-batch", "2", "--json", str(out),
+        "--max-batch", "2", "--camera-phase", "aligned", "--json", str(out),
     ])
     assert code == 0
     raw = json.loads(out.read_text())
@@ -195,6 +197,8 @@ def test_smallest_bench_writes_every_figure(
     assert printed.startswith(f"$ {report.command}\n")
     assert "Model:" in printed and "Pipeline:" in printed and "backbone_only" in printed
     assert report.pipeline.plan.max_batch == 2 and "max_batch 2," in printed
+    assert report.pipeline.plan.camera_phase == "aligned" and "(phase aligned)" in printed
+    assert "--camera-phase aligned" in report.command
     assert report.pipeline.hop_ms is not None and report.pipeline.hop_ms.p50 > 0
 
 
@@ -211,3 +215,19 @@ def test_hop_delays_are_one_per_message_and_positive() -> None:
     delays = measure_hop_ms(messages=5, interval_s=0.001, payload_bytes=1024)
     assert delays.shape == (5,)
     assert np.all(np.isfinite(delays)) and np.all(delays > 0)
+
+
+@pytest.mark.parametrize(("phase", "expected_ms"), [
+    ("free", [None, None, None, None]),
+    ("aligned", [0.0, 0.0, 0.0, 0.0]),
+    ("spread", [0.0, 25.0, 50.0, 75.0]),  # 10 fps: a 100 ms period shared by 4 cameras
+])
+def test_camera_phase_sets_each_synth_cameras_phase(
+    tmp_path: Path, phase: str, expected_ms: list[float | None]
+) -> None:
+    plan = _plan(camera_phase=phase)
+    config = tmp_path / "line.toml"
+    config.write_text(line_config_text(plan, "bench-phase", 4, "model", tmp_path))
+    sources = [c.source for c in load_config(config).cameras]
+    assert all(isinstance(s, SynthSource) for s in sources)
+    assert [s.phase_ms for s in sources if isinstance(s, SynthSource)] == expected_ms

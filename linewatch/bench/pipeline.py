@@ -54,6 +54,7 @@ from linewatch.streams.records import StreamKeys, VerdictRecord
 from linewatch.testing import redis_server, running_line, wait_until
 
 __all__ = [
+    "CameraPhase",
     "LatencyStats",
     "OverheadStages",
     "PipelineBench",
@@ -69,6 +70,7 @@ __all__ = [
 log = get_logger("bench")
 
 ScorerKind = Literal["model", "backbone_only"]
+CameraPhase = Literal["free", "aligned", "spread"]
 _STARTUP_BOUND_S = 180.0  # a bound on starting the line on a slow machine, not a claim
 
 
@@ -82,6 +84,11 @@ class PipelinePlan(_Frozen):
     cameras: tuple[int, ...] = Field((1, 2, 4), description="camera counts, one run each")
     scorers: tuple[ScorerKind, ...] = ("model", "backbone_only")
     fps: float = Field(10.0, gt=0, description="frames per second per camera")
+    camera_phase: CameraPhase = Field(
+        "aligned", description="free: each camera paced from its own start (phases by chance); "
+        "aligned: every camera reads at the same instants (one trigger); spread: camera i "
+        "i/(cameras x fps) after camera 0"
+    )
     seconds: float = Field(6.0, gt=0, description="steady part of each run")
     warmup_s: float = Field(2.0, ge=0, description="first part of each run, not measured")
     frame_size: int = Field(256, ge=32, description="side of the square synth frames")
@@ -300,7 +307,7 @@ kind = "synth"
 fps = {plan.fps}
 size = {plan.frame_size}
 seed = {i}
-"""
+{_phase_line(plan, i, cameras)}"""
         for i in range(cameras)
     )
     return f"""line = "{line}"
@@ -326,6 +333,14 @@ spool_dir = "{run_dir}/spool"
 [decision]
 heatmaps = "redis"
 """
+
+
+def _phase_line(plan: PipelinePlan, camera: int, cameras: int) -> str:
+    """``phase_ms = ...`` of camera ``camera`` for ``plan.camera_phase`` (empty when free)."""
+    if plan.camera_phase == "free":
+        return ""
+    share = 0.0 if plan.camera_phase == "aligned" else camera / cameras
+    return f"phase_ms = {share * 1000.0 / plan.fps}\n"
 
 
 def _run_line(plan: PipelinePlan, redis_url: str, cameras: int, scorer: ScorerKind,

@@ -134,7 +134,8 @@ def _model_row(r: ModelRow) -> list[str]:
 
 def _pipeline_lines(bench: PipelineBench) -> list[str]:
     p = bench.plan
-    head = (f"Pipeline: {p.frame_size}x{p.frame_size} synth frames at {p.fps:g} fps per camera, "
+    head = (f"Pipeline: {p.frame_size}x{p.frame_size} synth frames at {p.fps:g} fps per camera "
+            f"(phase {p.camera_phase}), "
             f"{p.workers} workers x {_threads(bench.worker_threads)}, max_batch {p.batch_limit}, "
             f"max_wait {p.max_wait_ms:g} ms; {p.seconds:g} s measured after {p.warmup_s:g} s "
             f"warm-up; latency = acquisition to verdict in Redis")

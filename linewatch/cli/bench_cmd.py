@@ -4,7 +4,8 @@
 
     linewatch bench [--json OUT] [--device auto|cpu|cuda] [--model FILE] [--quick]
                     [--only model|pipeline] [--sizes 128 256 512] [--batches 1 4 8 16]
-                    [--cameras 1 2 4] [--fps 10] [--seconds 6] [--max-batch N]
+                    [--cameras 1 2 4] [--camera-phase aligned|spread|free] [--fps 10]
+                    [--seconds 6] [--max-batch N]
                     [--backend auto|torch|onnxruntime] [--precision fp32|bf16|fp16]
                     [--channels-last | --no-channels-last] [--compile]
 
@@ -87,6 +88,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     line = p.add_argument_group("pipeline part")
     line.add_argument("--cameras", type=int, nargs="+", default=None, metavar="N",
                       help="camera counts, one line run each (default: 1 2 4)")
+    line.add_argument("--camera-phase", choices=("aligned", "spread", "free"),
+                      default="aligned",
+                      help="when the cameras read: aligned (all at once, as on one trigger), "
+                           "spread (evenly apart), free (each from its own start: by chance, "
+                           "so runs vary) (default: aligned)")
     line.add_argument("--fps", type=float, default=10.0,
                       help="frames per second per camera (default: 10)")
     line.add_argument("--seconds", type=float, default=None,
@@ -154,7 +160,8 @@ def _plans(
         if args.model is None:
             _check_model_sizes((args.frame_size,), "--frame-size")
         pipeline_plan = PipelinePlan(
-            cameras=cameras, fps=args.fps, seconds=seconds, warmup_s=warmup_s,
+            cameras=cameras, fps=args.fps, camera_phase=args.camera_phase,
+            seconds=seconds, warmup_s=warmup_s,
             frame_size=args.frame_size, workers=args.workers, device=args.device,
             max_batch=args.max_batch, model=pipeline_model(args.frame_size, args.model, cache),
         )
@@ -193,7 +200,8 @@ def _command(args: argparse.Namespace, model_plan: ModelBenchPlan | None,
                   "--compile" if m.inference.compile else "--no-compile"]
     if pipeline_plan is not None:
         q = pipeline_plan
-        words += ["--cameras", *map(str, q.cameras), "--fps", f"{q.fps:g}",
+        words += ["--cameras", *map(str, q.cameras), "--camera-phase", q.camera_phase,
+                  "--fps", f"{q.fps:g}",
                   "--seconds", f"{q.seconds:g}", "--warmup-seconds", f"{q.warmup_s:g}",
                   "--frame-size", str(q.frame_size), "--workers", str(q.workers),
                   "--max-batch", str(q.batch_limit)]
