@@ -107,6 +107,17 @@ def _row(name: str, mode: str, times: list[float], skip: int) -> str:
     return f"{name:<24} {mode:<8} {np.median(kept):8.1f} {np.percentile(kept, 90):8.1f}"
 
 
+def _hold_cpu_latency(parser: argparse.ArgumentParser) -> int:
+    """Ask the kernel (PM QoS) for CPUs that never idle; the request lasts while fd is open."""
+    try:
+        held = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+        os.write(held, struct.pack("i", 0))
+    except OSError as exc:
+        parser.error(f"--hold-cpu-latency: {exc.strerror}: {exc.filename or 'write'} "
+                     "(needs root and a kernel with PM QoS)")
+    return held
+
+
 def main() -> None:
     """Time each step in each setting and print a table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -116,9 +127,7 @@ def main() -> None:
     parser.add_argument("--hold-cpu-latency", action="store_true",
                         help="hold /dev/cpu_dma_latency at 0 while running (root)")
     args = parser.parse_args()
-    held = os.open("/dev/cpu_dma_latency", os.O_WRONLY) if args.hold_cpu_latency else None
-    if held is not None:
-        os.write(held, struct.pack("i", 0))  # the request lasts while the file is open
+    held = _hold_cpu_latency(parser) if args.hold_cpu_latency else None
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
     skip = min(10, args.calls // 4)  # first calls pay for imports and first allocations
