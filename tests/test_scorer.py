@@ -14,6 +14,8 @@ from linewatch.data.mvtec import MVTecDataset
 from linewatch.data.synth import write_dataset
 from linewatch.errors import ModelFileError
 from linewatch.metrics import auroc
+from linewatch.model.calibrate import fit_shape_groups
+from linewatch.model.joint import ShapeGroups
 from linewatch.model.modelfile import read_model_meta, update_model_meta
 from linewatch.model.scorer import (
     BackboneOnlyScorer,
@@ -193,3 +195,48 @@ def test_clipped_plateaus_neither_set_nor_show_the_score() -> None:
     (shown,) = to_frame_maps(maps, [region])
     assert shown.shape == (64, 64) and float(shown.max()) <= 2.0 + 1e-6
     assert clipped_mask(np.full((8, 8), 7, np.uint8)) is None
+
+
+def test_shape_groups_centre_each_frame_by_its_aspect_and_keep_batch_invariance(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, model = trained
+    plain = Scorer.load(model, device="cpu")
+    groups = ShapeGroups(edges=[1.0], centre=[0.5, -0.25], scale=2.0)
+    norm = plain.model.norm.model_copy(update={"shape_groups": groups})
+    shaped_file = tmp_path / "shaped.lwm"
+    shaped_file.write_bytes(model.read_bytes())
+    update_model_meta(shaped_file, normalisation=norm.model_dump(mode="json"))
+    shaped = Scorer.load(shaped_file, device="cpu")  # the groups travel in the model file
+    assert shaped.model.norm.shape_groups == groups
+
+    frame = _frames(data)[0]
+    narrow, wide = frame[:, : frame.shape[1] // 2], frame[: frame.shape[0] // 2]
+    for view, centre in ((narrow, 0.5), (wide, -0.25)):
+        raw = plain.score_batch([view])
+        got = shaped.score_batch([view])
+        assert abs(float(got.scores[0]) - (float(raw.scores[0]) - centre) / 2.0) < 1e-4
+        np.testing.assert_allclose(got.maps[0], (raw.maps[0] - centre) / 2.0, atol=1e-4)
+    together = shaped.score_batch([wide, narrow, frame])
+    for i, view in enumerate((wide, narrow, frame)):
+        assert abs(float(together.scores[i]) - float(shaped.score_batch([view]).scores[0])) < 1e-4
+
+
+def test_shape_groups_are_refused_when_inconsistent() -> None:
+    with pytest.raises(ValueError, match="2 groups need as many centres"):
+        ShapeGroups(edges=[1.0], centre=[0.0], scale=1.0)
+    with pytest.raises(ValueError, match="edges must rise"):
+        ShapeGroups(edges=[1.2, 0.8], centre=[0.0, 0.0, 0.0], scale=1.0)
+    with pytest.raises(ValueError, match="greater than 0"):
+        ShapeGroups(edges=[1.0], centre=[0.0, 0.0], scale=0.0)
+
+
+def test_fewer_shape_groups_when_val_has_too_few_good_images_per_group() -> None:
+    rng = np.random.default_rng(0)
+    aspects = np.repeat([0.5, 1.0, 2.0], [15, 30, 30])  # 75 good images in three shapes
+    scores = rng.normal(0.0, 1.0, 75) + np.repeat([1.0, 0.0, -1.0], [15, 30, 30])
+    fitted = fit_shape_groups(scores, aspects, 3)  # a group of 15 is too few: two groups
+    assert fitted is not None and fitted.edges == [1.5] and len(fitted.centre) == 2
+    assert fit_shape_groups(scores[:30], aspects[:30], 3) is None  # 30 images: one group
+    assert fit_shape_groups(scores, aspects, 1) is None  # asked for one group: off
+    assert fit_shape_groups(scores, np.ones(75), 3) is None  # one shape: one group

@@ -35,9 +35,9 @@ from linewatch.log import get_logger
 from linewatch.metrics.ranking import auroc, pr_auc
 from linewatch.metrics.thresholds import ThresholdSet, fit_thresholds
 from linewatch.model.acceleration import load_served_scorer
-from linewatch.model.joint import Normalisation, TermNorm
+from linewatch.model.joint import Normalisation, ShapeGroups, TermNorm
 from linewatch.model.modelfile import update_model_meta
-from linewatch.model.scorer import Prepared, Region, Scorer, crop_reduce
+from linewatch.model.scorer import Prepared, Region, Scorer, crop_reduce, shape_standardised
 from linewatch.model.settings import ScoreWeights
 
 __all__ = [
@@ -57,6 +57,8 @@ log = get_logger("calibrate")
 
 # A term whose score barely varies over good images would be blown up by 1/std.
 _MIN_SCALE = 1e-6
+# Good val images a group of frame shapes needs for its median and MAD to mean something.
+MIN_GOODS_PER_SHAPE_GROUP = 20
 # Candidate weights of each term in the search; the largest weight is always 1 (scale-free).
 WEIGHT_GRID = (0.0, 0.25, 0.5, 1.0)
 # A term must separate val this well on its own to take part in the weight search.
@@ -152,7 +154,8 @@ def joint_scores(scorer: Scorer, maps: TermMaps, weights: ScoreWeights) -> np.nd
     out = []
     with torch.inference_mode():
         for m, regions in maps.chunks():
-            joint = scorer.model.joint_map(m, weights)
+            joint = shape_standardised(scorer.model.joint_map(m, weights), regions,
+                                       scorer.model.norm)
             out.append(crop_reduce(joint, regions, s.reduce, s.topk_fraction))
     return torch.cat(out).numpy()
 
@@ -218,8 +221,61 @@ def calibrate_maps(
     scorer.model.norm = norm
     scorer.refresh()
     scores = joint_scores(scorer, maps, weights)
+    aspects = np.array([r.aspect for r in maps.regions])
+    groups = fit_shape_groups(scores[good], aspects[good], scorer.settings.shape_groups)
+    if groups is not None:
+        norm = norm.model_copy(update={"shape_groups": groups})
+        scorer.model.norm = norm
+        scores = joint_scores(scorer, maps, weights)
+        val_auroc, val_pr_auc = auroc(labels, scores), pr_auc(labels, scores)
     thresholds = fit_thresholds(labels, scores, min_recall=min_recall)
     return norm, thresholds, term_auroc, val_auroc, val_pr_auc
+
+
+def fit_shape_groups(scores: np.ndarray, aspects: np.ndarray, groups: int) -> ShapeGroups | None:
+    """Median of good images' joint ``scores`` per group of frame ``aspects``, and the MAD
+    of the scores so centred.
+
+    At most ``groups`` groups, split near quantiles of ``aspects``; fewer while a group would
+    hold under :data:`MIN_GOODS_PER_SHAPE_GROUP` images or there are not that many distinct
+    aspects; None when one group is all there is (then nothing changes).
+
+    >>> rng = np.random.default_rng(0)
+    >>> aspects = np.repeat([0.5, 1.5], 30)
+    >>> scores = np.concatenate([rng.normal(2.0, 1.0, 30), rng.normal(0.0, 1.0, 30)])
+    >>> fitted = fit_shape_groups(scores, aspects, 2)
+    >>> fitted.edges, [round(c) for c in fitted.centre]
+    ([1.0], [2, 0])
+    >>> fit_shape_groups(scores, np.ones(60), 2) is None  # one shape: one group
+    True
+    """
+    for k in range(min(groups, len(scores) // MIN_GOODS_PER_SHAPE_GROUP), 1, -1):
+        edges = _split_edges(aspects, k)
+        if edges is None:
+            continue
+        members = np.searchsorted(edges, aspects, side="right")  # as ShapeGroups.group
+        if np.bincount(members, minlength=k).min() < MIN_GOODS_PER_SHAPE_GROUP:
+            continue
+        centre = [float(np.median(scores[members == g])) for g in range(k)]
+        centred = scores - np.asarray(centre)[members]
+        scale = max(1.4826 * float(np.median(np.abs(centred))), _MIN_SCALE)
+        return ShapeGroups(edges=[float(e) for e in edges], centre=centre, scale=scale)
+    return None
+
+
+def _split_edges(aspects: np.ndarray, k: int) -> np.ndarray | None:
+    """``k - 1`` edges near the quantiles of ``aspects``, each halfway between two distinct
+    values, so that frames of one shape always share a group; None if there are not enough
+    distinct values."""
+    values = np.sort(aspects)
+    starts = np.flatnonzero(np.diff(values) > 0) + 1  # where each next distinct value starts
+    if len(starts) < k - 1:
+        return None
+    targets = np.arange(1, k) * len(values) / k
+    cuts = np.unique([starts[np.argmin(np.abs(starts - t))] for t in targets])
+    if len(cuts) != k - 1:
+        return None
+    return np.asarray((values[cuts - 1] + values[cuts]) / 2.0)
 
 
 def calibrate_scorer(

@@ -77,6 +77,11 @@ class Region:
     shape: tuple[int, int]
     blind: np.ndarray | None = None
 
+    @property
+    def aspect(self) -> float:
+        """The frame's width / height (before it was fitted to the square input)."""
+        return self.shape[1] / self.shape[0]
+
 
 @dataclass
 class Prepared:
@@ -362,7 +367,7 @@ class Scorer(_ScorerBase):
         with torch.inference_mode():
             fwd = self.model(prep.x, prep.feats, self.terms)
             raw = self.model.term_maps(fwd, self.terms)
-            maps = self.model.joint_map(raw)
+            maps = shape_standardised(self.model.joint_map(raw), prep.regions, self.model.norm)
             scores = crop_reduce(
                 maps, prep.regions, self.settings.reduce, self.settings.topk_fraction
             )
@@ -424,6 +429,14 @@ def _sync(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def shape_standardised(maps: Tensor, regions: Sequence[Region], norm: Normalisation) -> Tensor:
+    """Joint ``maps`` standardised by ``norm.shape_groups`` for each frame's aspect ratio
+    (unchanged when the normalisation has none)."""
+    if norm.shape_groups is None:
+        return maps
+    return norm.shape_groups.standardise(maps, [r.aspect for r in regions])
 
 
 def crop_reduce(

@@ -138,6 +138,13 @@ class ModelSettings(_Strict):
     sigma: float = Field(8.0, ge=0, description="Gaussian smoothing of the map (input pixels)")
     reduce: Reduce = "max"
     topk_fraction: float = Field(0.01, gt=0, le=1, description="share of pixels in top-k mean")
+    shape_groups: int = Field(
+        2, ge=1, le=8,
+        description="calibration standardises image scores per group of frame aspect ratio "
+        "(width / height), split at quantiles of val/good's, at least 20 good images a group "
+        "(fewer groups when val has fewer); 1 = off. Frames of other shapes are stretched "
+        "differently to the square input, and the memory judges them differently",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSettings:
