@@ -68,7 +68,9 @@ def test_calibrate_then_evaluate_writes_json_and_report(
     assert (
         main(["--log-level", "warning", "calibrate", str(model), str(data), "--no-progress"]) == 0
     )
-    assert "thresholds operating_point" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "thresholds operating_point" in printed
+    assert "one group of frame shapes" in printed  # one frame size: no aspect groups
     out_json, report = tmp_path / "out.json", tmp_path / "report"
     code = main(
         [

@@ -157,9 +157,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     w = report.normalisation.weights
     terms = ", ".join(f"{k} {v:.3f}" for k, v in report.term_auroc.items())
     weights = ", ".join(f"{k} {getattr(w, k):g}" for k in w.active()) if w else "settings"
+    groups = report.normalisation.shape_groups
+    shapes = ("one group of frame shapes" if groups is None else
+              f"{len(groups.centre)} groups of frame shapes split at width/height "
+              + " ".join(f"{e:.2f}" for e in groups.edges))
     print(
         f"{args.model}: val AUROC {report.val_auroc:.4f} ({report.n_good} good, "
-        f"{report.n_defect} defective); per term {terms}; weights {weights}; "
+        f"{report.n_defect} defective); per term {terms}; weights {weights}; {shapes}; "
         f"thresholds operating_point {t.operating_point:.4f} f1_max {t.f1_max:.4f} "
         f"youden {t.youden:.4f} (version {t.version})"
     )
