@@ -10,9 +10,11 @@ show (a restart, a spool drained, an alarm).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +163,37 @@ def decision_killed(setup: Setup) -> FaultResult:
 REDIS_OUTAGE_S = 10.0
 
 
+@dataclass(frozen=True)
+class _Outage:
+    """How decision's spool fared while Redis was away."""
+
+    spooled: bool
+    drained: bool
+    away_s: float
+    recover_s: float | None  # Redis back to the spool drained; None if it never drained
+
+
+def _take_redis_away(fl: FaultLine, seconds: float, silent: bool = False) -> _Outage:
+    """Stop Redis for ``seconds`` (``silent``: a listener that never answers holds its port
+    meanwhile), start it again, and wait (bounded) for decision's spool to drain."""
+    spool = fl.config_path.parent / "spool" / fl.spec.line
+
+    def spooling() -> bool:
+        return any(spool.glob("segment-*.jsonl"))
+
+    port = fl.redis.port
+    fl.redis.stop()
+    with silent_listener(port) if silent else contextlib.nullcontext():
+        away_at = time.monotonic()
+        spooled = fl.poll(spooling, seconds, "records spooled")
+        time.sleep(max(0.0, away_at + seconds - time.monotonic()))  # the outage
+    fl.redis.start()
+    back_at = time.monotonic()
+    drained = fl.poll(lambda: not spooling(), STREAM_TIMEOUT_S, "spool drained")
+    recover_s = round(time.monotonic() - back_at, 2) if drained else None
+    return _Outage(spooled, drained, round(back_at - away_at, 2), recover_s)
+
+
 def redis_outage(setup: Setup) -> FaultResult:
     """Redis stops for 10 s mid-stream and comes back (AOF: nothing written is lost)."""
     frames = 200
@@ -168,25 +201,15 @@ def redis_outage(setup: Setup) -> FaultResult:
                  source={**_SYNTH, "fps": 10.0, "defect_ratio": 0.3})
     with FaultLine(spec, setup.folder("redis_outage"), consumers=True) as fl:
         fl.wait_verdicts(20, STREAM_TIMEOUT_S)
-        spool = fl.config_path.parent / "spool" / spec.line
-        fl.redis.stop()
-        stopped_at = time.monotonic()
-        spooled = fl.poll(lambda: any(spool.glob("segment-*.jsonl")), REDIS_OUTAGE_S,
-                          "records spooled")
-        time.sleep(max(0.0, stopped_at + REDIS_OUTAGE_S - time.monotonic()))  # the outage
-        fl.redis.start()
-        started_at = time.monotonic()
-        drained = fl.poll(lambda: not any(spool.glob("segment-*.jsonl")), STREAM_TIMEOUT_S,
-                          "spool drained")
-        recovered_at = time.monotonic()
+        outage = _take_redis_away(fl, REDIS_OUTAGE_S)
         fl.wait_verdicts(frames, STREAM_TIMEOUT_S)
         gate = fl.poll(lambda: _group_caught_up(fl, "plc"), STREAM_TIMEOUT_S, "plc caught up")
         t, _ = _finish(fl, frames)
         signals = fl.log_text("plc").count("reject_signal")
         rejects = len(fl.rejects())
     problems = _problems(t, frames, {
-        "nothing was spooled while Redis was away": spooled,
-        "the spool was not drained after Redis returned": drained,
+        "nothing was spooled while Redis was away": outage.spooled,
+        "the spool was not drained after Redis returned": outage.drained,
         "the plc consumer did not read and acknowledge every reject": gate,
         f"the gate was signalled {signals} times for {rejects} rejects": signals == rejects,
     })
@@ -194,8 +217,8 @@ def redis_outage(setup: Setup) -> FaultResult:
         name="redis_outage", fault=f"Redis stopped for {REDIS_OUTAGE_S:.0f} s mid-stream",
         behaviour=(f"decision spooled to disk, drained in order on return; "
                    f"plc signalled {signals}/{rejects} rejects"),
-        tally=t, recover_s=round(recovered_at - started_at, 2) if drained else None,
-        problems=problems, details={"outage_s": round(started_at - stopped_at, 2),
+        tally=t, recover_s=outage.recover_s,
+        problems=problems, details={"outage_s": outage.away_s,
                                     "gate_signals": signals, "rejects": rejects},
     )
 
@@ -217,27 +240,15 @@ def redis_silent(setup: Setup) -> FaultResult:
                  redis={"socket_timeout_s": timeout_s, "retries": 1})
     with FaultLine(spec, setup.folder("redis_silent")) as fl:
         fl.wait_verdicts(20, STREAM_TIMEOUT_S)
-        spool = fl.config_path.parent / "spool" / spec.line
-        port = fl.redis.port
-        fl.redis.stop()
-        with silent_listener(port):
-            silent_at = time.monotonic()
-            spooled = fl.poll(lambda: any(spool.glob("segment-*.jsonl")), REDIS_SILENT_S,
-                              "records spooled")
-            time.sleep(max(0.0, silent_at + REDIS_SILENT_S - time.monotonic()))
-        fl.redis.start()
-        started_at = time.monotonic()
-        drained = fl.poll(lambda: not any(spool.glob("segment-*.jsonl")), STREAM_TIMEOUT_S,
-                          "spool drained")
-        recovered_at = time.monotonic()
+        outage = _take_redis_away(fl, REDIS_SILENT_S, silent=True)
         t, verdicts = _finish(fl, frames)
         tries = _last_int(fl.log_text("decide"), r"writer_redis_errors=(\d+)")
     late = max((v.latency_ms or 0.0 for v in verdicts), default=0.0)
     # A frame decided after more than one command timeout waited for a try of Redis.
     stalled = sum((v.latency_ms or 0.0) > 1000.0 * timeout_s for v in verdicts)
     problems = _problems(t, frames, {
-        "nothing was spooled while Redis was silent": spooled,
-        "the spool was not drained after Redis returned": drained,
+        "nothing was spooled while Redis was silent": outage.spooled,
+        "the spool was not drained after Redis returned": outage.drained,
         f"decision tried the silent Redis {tries} times, not once": tries == 1,
         "a frame was rejected fail-safe while Redis was silent": t.fail_safe == 0,
     })
@@ -247,8 +258,8 @@ def redis_silent(setup: Setup) -> FaultResult:
         behaviour=(f"decision tried it {tries} time(s), then spooled while a probe PINGed; "
                    f"{stalled} frame(s) decided after > {timeout_s:g} s (slowest {late:.0f} ms); "
                    "drained in order on return"),
-        tally=t, recover_s=round(recovered_at - started_at, 2) if drained else None,
-        problems=problems, details={"silent_s": round(started_at - silent_at, 2),
+        tally=t, recover_s=outage.recover_s,
+        problems=problems, details={"silent_s": outage.away_s,
                                     "redis_tries": tries, "stalled_decisions": stalled,
                                     "max_decided_latency_ms": late},
     )
