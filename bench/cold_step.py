@@ -31,16 +31,15 @@ from collections.abc import Callable
 import numpy as np
 import zmq
 
+from linewatch.testing import frame_header
 from linewatch.transport.codec import decode_camera_message, encode_frame
 from linewatch.wire import FrameHeader
 
-_PIXELS = np.zeros((256, 256, 3), np.uint8)
+_PIXELS = np.zeros((256, 256, 3), np.uint8)  # the shape _header announces
 
 
 def _header(seq: int) -> FrameHeader:
-    now = time.time_ns()
-    return FrameHeader(camera="cam0", seq=seq, part_id=str(seq), ts_acquired_ns=now,
-                       deadline_ns=now + 10**9, dtype="uint8", shape=_PIXELS.shape)
+    return frame_header("cam0", seq, shape=(256, 256, 3))
 
 
 def _time_us(call: Callable[[], object]) -> float:

@@ -360,6 +360,15 @@ def test_a_stop_rejects_frames_pending_below_held_ones_and_writes_in_order(
     assert _order(redis_client, line_name) == [1, 2, 3, 4]
 
 
+def _handle_statuses(running: Running, statuses: list[CameraStatus]) -> None:
+    """Send camera statuses to the running service, wait until it handled them all, stop it."""
+    for status in statuses:
+        running.send(encode_message(status))
+    wait_until(lambda: running.service.counters.camera_status == len(statuses),
+               what=f"{len(statuses)} statuses handled")
+    running.close()
+
+
 def test_a_lost_camera_raises_one_alarm(
     start: Callable[..., Running], redis_client: redis.Redis, line_name: str
 ) -> None:
@@ -367,12 +376,12 @@ def test_a_lost_camera_raises_one_alarm(
     running = start(on_camera_status=seen.append)
     now = time.time_ns()
     lost = CameraStatus(camera="cam0", state="lost", detail="device removed", ts_ns=now)
-    running.send(encode_message(CameraStatus(camera="cam0", state="connected", ts_ns=now - 1)))
-    running.send(encode_message(lost))
-    running.send(encode_message(lost))  # delivered twice: still one alarm
-    running.send(encode_message(CameraStatus(camera="cam0", state="reconnected", ts_ns=now + 1)))
-    wait_until(lambda: running.service.counters.camera_status == 4, what="4 statuses handled")
-    running.close()
+    _handle_statuses(running, [
+        CameraStatus(camera="cam0", state="connected", ts_ns=now - 1),
+        lost,
+        lost,  # delivered twice: still one alarm
+        CameraStatus(camera="cam0", state="reconnected", ts_ns=now + 1),
+    ])
 
     alarms = read_records(redis_client, line_name, AlarmRecord)
     assert [(a.kind, a.severity, a.camera) for a in alarms] == [
@@ -388,12 +397,11 @@ def test_an_overexposed_camera_raises_a_warning_and_its_recovery_a_note(
 ) -> None:
     running = start()
     now = time.time_ns()
-    running.send(encode_message(CameraStatus(camera="cam1", state="overexposed",
-                                             detail="31% of the frame at its brightest value",
-                                             ts_ns=now)))
-    running.send(encode_message(CameraStatus(camera="cam1", state="exposure_ok", ts_ns=now + 1)))
-    wait_until(lambda: running.service.counters.camera_status == 2, what="2 statuses handled")
-    running.close()
+    _handle_statuses(running, [
+        CameraStatus(camera="cam1", state="overexposed",
+                     detail="31% of the frame at its brightest value", ts_ns=now),
+        CameraStatus(camera="cam1", state="exposure_ok", ts_ns=now + 1),
+    ])
 
     alarms = read_records(redis_client, line_name, AlarmRecord)
     assert [(a.kind, a.severity, a.camera) for a in alarms] == [
