@@ -178,7 +178,9 @@ def test_children_stop_cleanly_when_the_supervisor_is_killed(tmp_path: Path) -> 
     import subprocess
 
     base = tmp_path / "follower"
-    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(base), FOLLOWER])
+    # A killed supervisor cannot remove its ready-file directory: keep it in tmp_path.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(base), FOLLOWER], env=env)
     pid_file = Path(f"{base}.pid")
     child_pid = None
     try:
