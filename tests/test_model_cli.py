@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def test_calibrate_then_evaluate_writes_json_and_report(
     printed = capsys.readouterr().out
     assert "thresholds operating_point" in printed
     assert "one group of frame shapes" in printed  # one frame size: no aspect groups
-    out_json, report = tmp_path / "out.json", tmp_path / "report"
+    out_json, report, scores = tmp_path / "out.json", tmp_path / "report", tmp_path / "s.csv"
     code = main(
         [
             "--log-level",
@@ -85,11 +86,24 @@ def test_calibrate_then_evaluate_writes_json_and_report(
             str(out_json),
             "--report",
             str(report),
+            "--scores",
+            str(scores),
             "--no-progress",
         ]
     )
     assert code == 0
     results = json.loads(out_json.read_text())
+    rows = list(csv.DictReader(scores.open()))
+    assert len(rows) == results["n_images"]
+    assert all((data / row["image"]).is_file() for row in rows)
+    good = [int(r["alarm"]) for r in rows if r["label"] == "good"]
+    found = [int(r["alarm"]) for r in rows if r["label"] != "good"]
+    assert len(good) == results["n_good"]
+    # The per-image verdicts are the ones the figures were computed from.
+    assert sum(good) / len(good) == pytest.approx(results["false_alarm_rate"])
+    assert sum(found) / len(found) == pytest.approx(results["recall"])
+    alarms = [float(r["score"]) >= results["threshold"] for r in rows]
+    assert alarms == [bool(int(r["alarm"])) for r in rows]
     assert results.keys() >= EVAL_KEYS
     assert results["n_images"] == 12 and results["f1"] is not None
     # Timed and scored as the line's workers run the model by default on this device.

@@ -181,6 +181,13 @@ def _register_evaluate(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--json", dest="json_out", type=Path, default=None, help="write results here")
     p.add_argument("--report", type=Path, default=None, help="write an HTML report into DIR")
     p.add_argument(
+        "--scores",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="write every image's score and verdict here (image, label, score, alarm)",
+    )
+    p.add_argument(
         "--corrupt",
         default=None,
         metavar="KIND",
@@ -211,6 +218,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.json_out,
         args.report,
         _progress(args),
+        args.scores,
     )
     shown = {
         k: getattr(r, k)

@@ -4,11 +4,15 @@ Scores a split (``test`` by default) with the same :class:`Scorer` the worker us
 optionally after a test-time corruption (``--corrupt snp:0.25``, ``light:strong``, ...), and
 reports ranking metrics (image AUROC, PR-AUC, pixel AUROC, AUPRO), the classification at the
 model's stored threshold (the operating point unless another rule is asked for) and the
-time per image, split into pre-processing, backbone, heads and post-processing.
+time per image, split into pre-processing, backbone, heads and post-processing. With
+``--scores CSV`` every image's score and verdict is written too, so two runs (clean and
+corrupted, or two models) can be compared image by image.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -33,7 +37,7 @@ from linewatch.model.scorer import Scorer
 from linewatch.report import ReportImage, write_report
 from linewatch.visualize import encode_png, heatmap_overlay
 
-__all__ = ["EvalResult", "evaluate", "evaluate_scorer"]
+__all__ = ["EvalResult", "evaluate", "evaluate_scorer", "write_scores"]
 
 log = get_logger("evaluate")
 
@@ -175,8 +179,12 @@ def evaluate_scorer(
     seed: int = 0,
     report_dir: str | Path | None = None,
     progress: bool = True,
+    scores_csv: str | Path | None = None,
 ) -> EvalResult:
-    """Score ``split`` of ``dataset`` and compute every figure of :class:`EvalResult`."""
+    """Score ``split`` of ``dataset`` and compute every figure of :class:`EvalResult`.
+
+    ``scores_csv`` (if given) receives one row per image (:func:`write_scores`).
+    """
     samples = dataset.validate(split)
     labels = np.array([int(s.is_defect) for s in samples])
     if labels.all() or not labels.any():
@@ -220,6 +228,8 @@ def evaluate_scorer(
     )
     if report_dir is not None:
         _write_report(Path(report_dir), result, samples, labels, got, threshold)
+    if scores_csv is not None:
+        write_scores(Path(scores_csv), dataset.root, samples, got.scores, threshold)
     log.info(
         "evaluated",
         split=split,
@@ -243,15 +253,17 @@ def evaluate(
     json_out: str | Path | None = None,
     report_dir: str | Path | None = None,
     progress: bool = True,
+    scores_csv: str | Path | None = None,
 ) -> EvalResult:
-    """``linewatch evaluate``: load the model, evaluate, write the JSON and the report."""
+    """``linewatch evaluate``: load the model, evaluate, write the JSON, the report and the
+    per-image scores."""
     if corrupt:
         parse_corruption(corrupt)  # a typo fails before the model is loaded
     dataset = MVTecDataset(data)
     scorer = load_served_scorer(model, device)
     try:
         result = evaluate_scorer(
-            scorer, dataset, split, corrupt, batch, rule, seed, report_dir, progress
+            scorer, dataset, split, corrupt, batch, rule, seed, report_dir, progress, scores_csv
         )
     finally:
         scorer.close()
@@ -260,10 +272,31 @@ def evaluate(
     return result
 
 
+def write_scores(
+    path: Path, root: Path, samples: Sequence[Sample], scores: np.ndarray, threshold: float | None
+) -> None:
+    """One CSV row per image, in split order: ``image`` (relative to the data set),
+    ``label``, ``score`` and ``alarm`` (1 when the score reaches ``threshold``; empty when
+    the model has no threshold). Written whole or not at all.
+    """
+    buffer = io.StringIO()
+    rows = csv.writer(buffer, lineterminator="\n")
+    rows.writerow(["image", "label", "score", "alarm"])
+    for sample, score in zip(samples, scores, strict=True):
+        alarm = "" if threshold is None else int(float(score) >= threshold)
+        rows.writerow([sample.path.relative_to(root).as_posix(), sample.label,
+                       f"{float(score):.6g}", alarm])
+    _write_atomic(path, buffer.getvalue())
+
+
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    _write_atomic(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
