@@ -112,6 +112,25 @@ class OverexposureConfig(_Strict):
     )
 
 
+class UnderexposureConfig(_Strict):
+    """When a camera's frames go dark: an ``underexposed`` alarm, then ``exposure_ok``."""
+
+    enabled: bool = True
+    level: float = Field(
+        0.2, gt=0, lt=1,
+        description="a frame whose brightest 1 % of pixels lies below this share of full scale "
+        "counts as dark",
+    )
+    full_scale: int | None = Field(
+        None, ge=1,
+        description="the sensor's full-scale value; none = the pixel type's (255 or 65535): "
+        "set 4095 for a 12-bit camera that delivers 16-bit pixels",
+    )
+    frames: int = Field(
+        10, ge=1, description="frames in a row below the level (or above 1.5 x it) to report"
+    )
+
+
 class CameraConfig(_Strict):
     """One camera of the line, acquired by its own process."""
 
@@ -124,6 +143,7 @@ class CameraConfig(_Strict):
         None, ge=1, description="stop after this many frames (acquired or missed); none = run on"
     )
     overexposure: OverexposureConfig = Field(default_factory=OverexposureConfig)
+    underexposure: UnderexposureConfig = Field(default_factory=UnderexposureConfig)
 
 
 # --------------------------------------------------------------------------- transport

@@ -121,7 +121,8 @@ class CameraStatus(_Wire):
     kind: Literal["camera_status"] = "camera_status"
     v: Literal[1] = WIRE_VERSION
     camera: str
-    state: Literal["connected", "lost", "reconnected", "stopped", "overexposed", "exposure_ok"]
+    state: Literal["connected", "lost", "reconnected", "stopped", "overexposed", "underexposed",
+                   "exposure_ok"]
     detail: str = ""
     ts_ns: int
 

@@ -1,17 +1,25 @@
-"""Over-exposure watch: the clipped share of a frame, the state it reports, the alarm."""
+"""Exposure watch: the clipped share and the bright level of a frame, the states they
+report, the alarms."""
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import zmq
 
-from linewatch.acquisition.exposure import ExposureWatch, clipped_share
+from linewatch.acquisition.exposure import DarkWatch, ExposureWatch, bright_level, clipped_share
 from linewatch.acquisition.process import AcquisitionProcess
-from linewatch.config import CameraConfig, OverexposureConfig, TransportConfig, validate_config
+from linewatch.config import (
+    CameraConfig,
+    OverexposureConfig,
+    TransportConfig,
+    UnderexposureConfig,
+    validate_config,
+)
 from linewatch.data.images import write_image
 from linewatch.data.synth import make_image
 from linewatch.errors import ConfigError
@@ -66,11 +74,39 @@ def test_the_state_changes_after_frames_in_a_row_and_does_not_flap() -> None:
     assert not watch.overexposed
 
 
+def test_the_bright_level_follows_the_light_whatever_the_bit_depth() -> None:
+    image = _texture()
+    level = bright_level(image)
+    assert 0.5 < level < 0.95  # a well-lit synthetic part
+    assert bright_level(_clipped(image, 0.25)) == pytest.approx(level * 0.25, abs=0.01)
+    twelve_bit = image.astype(np.uint16) * 16  # Mono12 in a uint16
+    assert bright_level(twelve_bit, full_scale=4095) == pytest.approx(level, abs=0.01)
+    assert bright_level(twelve_bit) < 0.07  # without full_scale: 16 bits assumed
+    dim = _clipped(_texture(size=256), 0.25)
+    hot = dim.copy()
+    hot[np.random.default_rng(0).random(hot.shape) < 0.004] = 255  # 0.4 % hot pixels
+    assert bright_level(hot) == pytest.approx(bright_level(dim), abs=0.01)
+    assert bright_level(np.zeros((0, 4), np.uint8)) == 0.0
+
+
+def test_the_dark_state_changes_after_frames_in_a_row_and_does_not_flap() -> None:
+    watch = DarkWatch(UnderexposureConfig(level=0.2, frames=3))
+    assert [watch.observe(v) for v in (0.1, 0.1, 0.5, 0.1, 0.1)] == [None] * 5
+    assert watch.observe(0.1) == "underexposed" and watch.underexposed
+    # Above the level but under 1.5 x it: still under-exposed.
+    assert [watch.observe(v) for v in (0.25, 0.25, 0.25, 0.25)] == [None] * 4
+    assert [watch.observe(v) for v in (0.4, 0.4, 0.4)] == [None, None, "exposure_ok"]
+    assert not watch.underexposed
+
+
 def test_bad_settings_are_refused_naming_the_key() -> None:
     camera = {"id": "cam0", "source": {"kind": "synth"}}
     for bad in ({"clipped_share": 0}, {"clipped_share": 1.5}, {"frames": 0}):
         with pytest.raises(ConfigError, match="overexposure"):
             validate_config({"line": "x", "cameras": [{**camera, "overexposure": bad}]})
+    for bad in ({"level": 0}, {"level": 1.0}, {"full_scale": 0}, {"frames": 0}):
+        with pytest.raises(ConfigError, match="underexposure"):
+            validate_config({"line": "x", "cameras": [{**camera, "underexposure": bad}]})
 
 
 def _statuses(sock: zmq.Socket[bytes]) -> list[CameraStatus]:
@@ -86,27 +122,42 @@ def _statuses(sock: zmq.Socket[bytes]) -> list[CameraStatus]:
     return seen
 
 
-def test_acquisition_reports_an_overexposed_camera_and_its_recovery(
-    tmp_path: Path, pull: tuple[zmq.Socket[bytes], str]
-) -> None:
+def _replay(
+    tmp_path: Path, pull: tuple[zmq.Socket[bytes], str], gain: float, watch: dict[str, Any]
+) -> list[CameraStatus]:
+    """Statuses of a folder replay: 3 frames at ``gain``, then 3 as they are."""
     sock, endpoint = pull
-    images = [_clipped(_texture(i), 1.6) for i in range(3)] + [_texture(i) for i in range(3, 6)]
+    images = [_clipped(_texture(i), gain) for i in range(3)] + [_texture(i) for i in range(3, 6)]
     for i, image in enumerate(images):
         write_image(tmp_path / "parts" / f"{i}.png", image)
     camera = CameraConfig.model_validate({
         "id": "cam3",
         "source": {"kind": "folder", "path": tmp_path / "parts", "fps": 500.0},
-        "overexposure": {"clipped_share": 0.1, "frames": 2},
+        **watch,
     })
     process = AcquisitionProcess(camera, TransportConfig(frames_endpoint=endpoint))
     runner = threading.Thread(target=process.run)
     runner.start()
     try:
-        statuses = _statuses(sock)
+        return _statuses(sock)
     finally:
         runner.join(timeout=30)
+
+
+def test_acquisition_reports_an_overexposed_camera_and_its_recovery(
+    tmp_path: Path, pull: tuple[zmq.Socket[bytes], str]
+) -> None:
+    statuses = _replay(tmp_path, pull, 1.6, {"overexposure": {"clipped_share": 0.1, "frames": 2}})
     assert [s.state for s in statuses] == ["connected", "overexposed", "exposure_ok", "stopped"]
     assert "check lighting" in statuses[1].detail and statuses[1].camera == "cam3"
+
+
+def test_acquisition_reports_an_underexposed_camera_and_its_recovery(
+    tmp_path: Path, pull: tuple[zmq.Socket[bytes], str]
+) -> None:
+    statuses = _replay(tmp_path, pull, 0.2, {"underexposure": {"frames": 2}})
+    assert [s.state for s in statuses] == ["connected", "underexposed", "exposure_ok", "stopped"]
+    assert "check lighting" in statuses[1].detail and "full scale" in statuses[1].detail
 
 
 def test_the_watch_can_be_turned_off(tmp_path: Path, pull: tuple[zmq.Socket[bytes], str]) -> None:

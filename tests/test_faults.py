@@ -110,6 +110,11 @@ def test_an_overexposed_camera_is_reported_and_its_recovery_too(setup: Setup) ->
     assert result.details["alarms"] == ["overexposed", "exposure_ok"]
 
 
+def test_an_underexposed_camera_is_reported_and_its_recovery_too(setup: Setup) -> None:
+    result = _run("underexposed_camera", setup)
+    assert result.details["alarms"] == ["underexposed", "exposure_ok"]
+
+
 def test_slow_worker_never_lets_a_frame_pass_its_deadline_unsafely(setup: Setup) -> None:
     result = _run("slow_worker", setup)
     scored_slow, scored_fast = result.details["scored"]

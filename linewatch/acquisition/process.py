@@ -29,7 +29,14 @@ import numpy as np
 import zmq
 
 from linewatch.acquisition.base import FrameSource, MissedFrames, RawFrame, SourceLost, make_source
-from linewatch.acquisition.exposure import ExposureWatch, clipped_share
+from linewatch.acquisition.exposure import (
+    DARK_CLEAR,
+    DarkWatch,
+    ExposureChange,
+    ExposureWatch,
+    bright_level,
+    clipped_share,
+)
 from linewatch.config import CameraConfig, GenicamSource, LineConfig, TransportConfig
 from linewatch.errors import ConfigError
 from linewatch.lifecycle import notify_ready
@@ -47,7 +54,9 @@ STATUS_SEND_S = 0.5
 PART_ID_MAX = 128
 """Longest part id a frame header takes; longer ones keep their end (the most specific)."""
 
-StatusState = Literal["connected", "lost", "reconnected", "stopped", "overexposed", "exposure_ok"]
+StatusState = Literal[
+    "connected", "lost", "reconnected", "stopped", "overexposed", "underexposed", "exposure_ok"
+]
 
 
 @dataclass
@@ -110,6 +119,7 @@ class AcquisitionProcess:
         self._pending_gaps: list[tuple[int, int]] = []
         self._dropped = 0  # frames dropped for lack of room downstream
         self._exposure = ExposureWatch(camera.overexposure)
+        self._dark = DarkWatch(camera.underexposure)
         self._stop = threading.Event()
         self._log = get_logger("acquisition").bind(camera=camera.id)
 
@@ -217,22 +227,34 @@ class AcquisitionProcess:
         self._add_gap(seq, seq)
 
     def _watch_exposure(self, pixels: np.ndarray) -> None:
-        if not self.camera.overexposure.enabled:
-            return
-        change = self._exposure.observe(clipped_share(pixels))
-        if change is None:
-            return
-        cfg = self.camera.overexposure
-        share = self._exposure.last_share
-        if change == "overexposed":
-            detail = (f"{share:.0%} of the frame at its brightest value, over "
-                      f"{cfg.clipped_share:.0%} for {cfg.frames} frames: check lighting and "
-                      "exposure time")
-            self._log.warning("camera_overexposed", clipped_share=round(share, 4))
+        over, under = self.camera.overexposure, self.camera.underexposure
+        if over.enabled:
+            change = self._exposure.observe(clipped_share(pixels))
+            if change is not None:
+                share = self._exposure.last
+                what = f"{share:.0%} of the frame at its brightest value"
+                self._report_exposure(change, what + (
+                    f", over {over.clipped_share:.0%} for {over.frames} frames: check lighting "
+                    "and exposure time" if change == "overexposed" else
+                    f", under {over.clipped_share / 2:.1%} for {over.frames} frames"
+                ), clipped_share=round(share, 4))
+        if under.enabled:
+            change = self._dark.observe(bright_level(pixels, under.full_scale))
+            if change is not None:
+                level = self._dark.last
+                what = f"brightest 1 % of the frame at {level:.0%} of full scale"
+                self._report_exposure(change, what + (
+                    f", under {under.level:.0%} for {under.frames} frames: check lighting, "
+                    "aperture and exposure time (or cameras.underexposure.full_scale for a "
+                    "sensor of fewer bits than its pixel type)" if change == "underexposed" else
+                    f", over {under.level * DARK_CLEAR:.0%} for {under.frames} frames"
+                ), bright_level=round(level, 4))
+
+    def _report_exposure(self, change: ExposureChange, detail: str, **measure: float) -> None:
+        if change == "exposure_ok":
+            self._log.info("camera_exposure_ok", **measure)
         else:
-            detail = (f"{share:.0%} of the frame at its brightest value, under "
-                      f"{cfg.clipped_share / 2:.1%} for {cfg.frames} frames")
-            self._log.info("camera_exposure_ok", clipped_share=round(share, 4))
+            self._log.warning(f"camera_{change}", **measure)
         self._send_status(change, detail)
 
     def _missed(self, item: MissedFrames) -> None:

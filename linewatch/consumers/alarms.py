@@ -30,10 +30,11 @@ camera at most once per ``cooldown_s``.
 
 Camera state changes that acquisition reports (``CameraStatus``) reach the decision
 service only, so the decision service writes their alarms to the same stream itself:
-``camera_lost`` (critical) and ``camera_reconnected`` (info), ``overexposed``
-(warning) and ``exposure_ok`` (info; :mod:`linewatch.acquisition.exposure`), once per
-camera and status time (see :mod:`linewatch.decision.service`). ``camera_silent`` stays, for what
-no status reports: an acquisition process that died, a decision service that is down.
+``camera_lost`` (critical) and ``camera_reconnected`` (info), ``overexposed`` and
+``underexposed`` (warnings) and ``exposure_ok`` (info;
+:mod:`linewatch.acquisition.exposure`), once per camera and status time (see
+:mod:`linewatch.decision.service`). ``camera_silent`` stays, for what no status reports:
+an acquisition process that died, a decision service that is down.
 
 The consumer reads through the group ``alarms.group``, created at the end of the
 streams (``$``): a new group judges the line from now on, not its history. Rule

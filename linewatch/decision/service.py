@@ -27,9 +27,9 @@ not a second verdict.
 
 Camera status from acquisition becomes an alarm on ``linewatch:<line>:alarms``: a
 lost camera ``camera_lost`` (critical), a reconnected one ``camera_reconnected``
-(info), an over-exposed one ``overexposed`` (warning) and ``exposure_ok`` (info) when
-its frames stop clipping; written once per camera and status time, and spooled with
-the verdicts while Redis is away.
+(info), an over-exposed one ``overexposed`` and a dark one ``underexposed`` (warnings),
+and ``exposure_ok`` (info) when its frames are exposed right again; written once per
+camera and status time, and spooled with the verdicts while Redis is away.
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ _CAMERA_ALARMS: dict[str, tuple[str, Literal["info", "warning", "critical"]]] = 
     "lost": ("camera_lost", "critical"),
     "reconnected": ("camera_reconnected", "info"),
     "overexposed": ("overexposed", "warning"),
+    "underexposed": ("underexposed", "warning"),
     "exposure_ok": ("exposure_ok", "info"),
 }
 

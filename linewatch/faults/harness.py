@@ -67,6 +67,7 @@ class LineSpec:
     frames: int
     deadline_ms: float = 5000.0
     overexposure: Table = field(default_factory=dict)
+    underexposure: Table = field(default_factory=dict)
     workers: Table = field(default_factory=dict)
     transport: Table = field(default_factory=dict)
     decision: Table = field(default_factory=dict)
@@ -93,6 +94,7 @@ class LineSpec:
             *(f"{k} = {toml_value(v)}\n" for k, v in camera.items()),
             toml_table("cameras.source", self.source),
             toml_table("cameras.overexposure", self.overexposure) if self.overexposure else "",
+            toml_table("cameras.underexposure", self.underexposure) if self.underexposure else "",
             toml_table("transport", transport),
             toml_table("workers", workers),
             toml_table("model", {"path": str(self.model)}),

@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -374,37 +374,51 @@ def corrupt_images(setup: Setup) -> FaultResult:
 
 def overexposed_camera(setup: Setup) -> FaultResult:
     """The lamp of a folder replay is turned up for its middle third, then down again."""
-    work = setup.folder("overexposed_camera")
+    return _exposure_change(setup, "overexposed_camera", "overexposed", gain=1.6,
+                            fault="at 1.6x gain, clipped at white")
+
+
+def underexposed_camera(setup: Setup) -> FaultResult:
+    """The lamp of a folder replay dims to a fifth for its middle third, then comes back."""
+    return _exposure_change(setup, "underexposed_camera", "underexposed", gain=0.2,
+                            fault="at 0.2x gain (a failing lamp)")
+
+
+def _exposure_change(
+    setup: Setup, name: str, alarm: Literal["overexposed", "underexposed"], gain: float,
+    fault: str,
+) -> FaultResult:
+    work = setup.folder(name)
     folder = work / "images"
-    frames = write_overexposed_folder(setup.data, folder, each=8)
-    spec = _spec(setup, "exposure", frames=frames, deadline_ms=5000.0,
-                 source={"kind": "folder", "path": str(folder), "fps": 20.0},
-                 overexposure={"frames": 3})
+    frames = write_exposure_folder(setup.data, folder, each=8, gain=gain)
+    watch = {"overexposure" if alarm == "overexposed" else "underexposure": {"frames": 3}}
+    spec = _spec(setup, name.split("_")[0], frames=frames, deadline_ms=5000.0,
+                 source={"kind": "folder", "path": str(folder), "fps": 20.0}, **watch)
     with FaultLine(spec, work) as fl:
         t, _ = _finish(fl, frames)
         kinds = [a.kind for a in fl.alarms() if a.camera == CAMERA]
     problems = _problems(t, frames, {
-        f"alarms {kinds}, not overexposed then exposure_ok":
-            kinds == ["overexposed", "exposure_ok"],
+        f"alarms {kinds}, not {alarm} then exposure_ok": kinds == [alarm, "exposure_ok"],
     })
     return FaultResult(
-        name="overexposed_camera",
-        fault=f"{frames // 3} of {frames} frames at 1.6x gain, clipped at white",
+        name=name,
+        fault=f"{frames // 3} of {frames} frames {fault}",
         behaviour=f"alarms: {', '.join(kinds) or 'none'}; every frame still got its verdict",
         tally=t, recover_s=None, problems=problems, details={"alarms": kinds},
     )
 
 
-def write_overexposed_folder(data: Path, folder: Path, each: int) -> int:
+def write_exposure_folder(data: Path, folder: Path, each: int, gain: float) -> int:
     """``each`` images of a data set's test/good split (repeated if it holds fewer), the
-    same at 1.6x gain clipped at white, then the same as they are; returns the file count."""
+    same at ``gain`` clipped at the sensor's range, then the same as they are; returns the
+    file count."""
     paths = sorted((data / "test" / "good").glob("*.png"))
     images = [read_image(paths[i % len(paths)]) for i in range(each)]
-    lamp_up = ExposureJitter(gain=(1.6, 1.6), offset=(0.0, 0.0))
-    brightened = jitter_exposure(images, np.random.default_rng(0), lamp_up)
-    for i, (image, bright) in enumerate(zip(images, brightened, strict=True)):
+    lamp = ExposureJitter(gain=(gain, gain), offset=(0.0, 0.0))
+    changed = jitter_exposure(images, np.random.default_rng(0), lamp)
+    for i, (image, other) in enumerate(zip(images, changed, strict=True)):
         write_image(folder / f"{i:02d}_normal.png", image)
-        write_image(folder / f"{each + i:02d}_bright.png", bright)
+        write_image(folder / f"{each + i:02d}_lamp.png", other)
         write_image(folder / f"{2 * each + i:02d}_normal_again.png", image)
     return 3 * each
 

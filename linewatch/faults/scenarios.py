@@ -24,6 +24,8 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("corrupt_images", "corrupt image files in a replay", line_faults.corrupt_images),
     Scenario("overexposed_camera", "lighting turned up, then down",
              line_faults.overexposed_camera),
+    Scenario("underexposed_camera", "lighting dimmed, then back",
+             line_faults.underexposed_camera),
     Scenario("nonfinite_scores", "NaN/inf in the model's output", line_faults.nonfinite_scores),
     Scenario("bad_model_file", "model file of another version / bad checksum",
              refusals.bad_model_file),
