@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 import zmq
@@ -87,6 +88,15 @@ def test_the_bright_level_follows_the_light_whatever_the_bit_depth() -> None:
     hot[np.random.default_rng(0).random(hot.shape) < 0.004] = 255  # 0.4 % hot pixels
     assert bright_level(hot) == pytest.approx(bright_level(dim), abs=0.01)
     assert bright_level(np.zeros((0, 4), np.uint8)) == 0.0
+
+
+def test_a_large_frame_is_judged_on_a_sparser_grid_with_the_same_result() -> None:
+    image = _texture(size=256)
+    large = cv2.resize(image, (2048, 2048), interpolation=cv2.INTER_NEAREST)
+    assert bright_level(large) == pytest.approx(bright_level(image), abs=0.02)
+    clipped = _clipped(image, 1.6)
+    large_clipped = cv2.resize(clipped, (2048, 2048), interpolation=cv2.INTER_NEAREST)
+    assert clipped_share(large_clipped) == pytest.approx(clipped_share(clipped), abs=0.03)
 
 
 def test_the_dark_state_changes_after_frames_in_a_row_and_does_not_flap() -> None:

