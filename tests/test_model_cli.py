@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,6 +105,8 @@ def test_calibrate_then_evaluate_writes_json_and_report(
     assert sum(found) / len(found) == pytest.approx(results["recall"])
     alarms = [float(r["score"]) >= results["threshold"] for r in rows]
     assert alarms == [bool(int(r["alarm"])) for r in rows]
+    assert all(0 <= float(r["clipped_share"]) <= 1 and 0 < float(r["bright_level"]) <= 1
+               for r in rows)
     assert results.keys() >= EVAL_KEYS
     assert results["n_images"] == 12 and results["f1"] is not None
     # Timed and scored as the line's workers run the model by default on this device.
@@ -111,6 +114,26 @@ def test_calibrate_then_evaluate_writes_json_and_report(
     assert (report / "index.html").read_text().count("<img") >= 2
     printed = json.loads(capsys.readouterr().out)
     assert printed["n_images"] == 12
+
+
+def _exposure_columns(model: Path, data: Path, out: Path, *corrupt: str) -> list[list[float]]:
+    argv = ["--log-level", "warning", "evaluate", str(model), str(data), "--scores", str(out),
+            "--no-progress", *corrupt]
+    assert main(argv) == 0
+    rows = csv.DictReader(out.open())
+    return [[float(r["clipped_share"]), float(r["bright_level"])] for r in rows]
+
+
+def test_scores_carry_the_exposure_of_the_frames_as_scored(
+    model: Path, data: Path, tmp_path: Path
+) -> None:
+    clean = np.array(_exposure_columns(model, data, tmp_path / "clean.csv"))
+    low = np.array(_exposure_columns(model, data, tmp_path / "low.csv", "--corrupt", "light:low"))
+    strong = np.array(
+        _exposure_columns(model, data, tmp_path / "strong.csv", "--corrupt", "light:strong"))
+    assert (low[:, 1] < 0.5 * clean[:, 1]).all()  # light:low: gain 0.2-0.35
+    assert (strong[:, 1] >= clean[:, 1]).all()  # gain 1.2-1.4 and an offset
+    assert strong[:, 0].mean() > 2 * clean[:, 0].mean()  # and more of each frame clips
 
 
 @pytest.mark.parametrize("kind", ["snp:0.25", "light:strong", "light:low", "shadow"])

@@ -185,7 +185,7 @@ def _register_evaluate(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         type=Path,
         default=None,
         metavar="CSV",
-        help="write every image's score and verdict here (image, label, score, alarm)",
+        help="write every image's score, verdict and exposure here (CSV)",
     )
     p.add_argument(
         "--corrupt",

@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
+from linewatch.acquisition.exposure import bright_level, clipped_share
 from linewatch.data.corrupt import apply_corruption, parse_corruption
 from linewatch.data.images import read_image, read_mask
 from linewatch.data.mvtec import MVTecDataset, Sample
@@ -92,6 +93,7 @@ class _Collected(BaseModel):
     scores: np.ndarray
     maps: list[np.ndarray]
     masks: list[np.ndarray]
+    exposure: list[tuple[float, float]]  # (clipped share, bright level) of each scored frame
     timings: dict[str, float]
     timed_images: int
 
@@ -109,6 +111,7 @@ def _score_split(
     scores: list[np.ndarray] = []
     maps: list[np.ndarray] = []
     masks: list[np.ndarray] = []
+    exposure: list[tuple[float, float]] = []
     timings: dict[str, float] = {}
     timed = 0
     with tqdm(total=len(samples), desc="evaluate", unit="img", disable=not progress) as bar:
@@ -120,6 +123,7 @@ def _score_split(
                 masks.append(mask if mask is not None else np.zeros(f.shape[:2], bool))
             if corruption is not None:
                 frames = [apply_corruption(f, corruption, rng) for f in frames]
+            exposure += [(clipped_share(f), bright_level(f)) for f in frames]
             # The first batch pays for lazy initialisation (allocator, kernels): not timed.
             stage = timings if start > 0 or len(samples) <= batch else None
             result = scorer.score_batch(frames, stage)
@@ -131,6 +135,7 @@ def _score_split(
         scores=np.concatenate(scores),
         maps=maps,
         masks=masks,
+        exposure=exposure,
         timings=timings,
         timed_images=max(timed, 1),
     )
@@ -229,7 +234,7 @@ def evaluate_scorer(
     if report_dir is not None:
         _write_report(Path(report_dir), result, samples, labels, got, threshold)
     if scores_csv is not None:
-        write_scores(Path(scores_csv), dataset.root, samples, got.scores, threshold)
+        write_scores(Path(scores_csv), dataset.root, samples, got.scores, threshold, got.exposure)
     log.info(
         "evaluated",
         split=split,
@@ -273,19 +278,26 @@ def evaluate(
 
 
 def write_scores(
-    path: Path, root: Path, samples: Sequence[Sample], scores: np.ndarray, threshold: float | None
+    path: Path,
+    root: Path,
+    samples: Sequence[Sample],
+    scores: np.ndarray,
+    threshold: float | None,
+    exposure: Sequence[tuple[float, float]],
 ) -> None:
     """One CSV row per image, in split order: ``image`` (relative to the data set),
-    ``label``, ``score`` and ``alarm`` (1 when the score reaches ``threshold``; empty when
-    the model has no threshold). Written whole or not at all.
+    ``label``, ``score``, ``alarm`` (1 when the score reaches ``threshold``; empty when the
+    model has no threshold), and the exposure of the frame as scored (after ``--corrupt``) as
+    the line's acquisition measures it: ``clipped_share`` and ``bright_level``
+    (:mod:`linewatch.acquisition.exposure`). Written whole or not at all.
     """
     buffer = io.StringIO()
     rows = csv.writer(buffer, lineterminator="\n")
-    rows.writerow(["image", "label", "score", "alarm"])
-    for sample, score in zip(samples, scores, strict=True):
+    rows.writerow(["image", "label", "score", "alarm", "clipped_share", "bright_level"])
+    for sample, score, (clipped, bright) in zip(samples, scores, exposure, strict=True):
         alarm = "" if threshold is None else int(float(score) >= threshold)
         rows.writerow([sample.path.relative_to(root).as_posix(), sample.label,
-                       f"{float(score):.6g}", alarm])
+                       f"{float(score):.6g}", alarm, f"{clipped:.4f}", f"{bright:.4f}"])
     _write_atomic(path, buffer.getvalue())
 
 
