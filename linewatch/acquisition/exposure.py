@@ -103,12 +103,21 @@ class _Watch:
     """
 
     entered: ExposureChange
+    measure_name: str
 
     def __init__(self, frames: int) -> None:
         self.frames = frames
         self.active = False
         self.last = 0.0
         self._run = 0
+
+    def measure(self, pixels: np.ndarray) -> float:
+        """This watch's measure of a frame."""
+        raise NotImplementedError
+
+    def describe(self, change: ExposureChange) -> str:
+        """What the operator reads with the alarm of ``change``."""
+        raise NotImplementedError
 
     def _towards_other(self, value: float) -> bool:
         raise NotImplementedError
@@ -128,6 +137,7 @@ class ExposureWatch(_Watch):
     """Over-exposure, fed :func:`clipped_share`: on above ``clipped_share``, off below half."""
 
     entered = "overexposed"
+    measure_name = "clipped_share"
 
     def __init__(self, cfg: OverexposureConfig) -> None:
         super().__init__(cfg.frames)
@@ -138,6 +148,18 @@ class ExposureWatch(_Watch):
         """True while the camera is reported over-exposed."""
         return self.active
 
+    def measure(self, pixels: np.ndarray) -> float:
+        """:func:`clipped_share` of the frame."""
+        return clipped_share(pixels)
+
+    def describe(self, change: ExposureChange) -> str:
+        """The clipped share against the limit, and what to check."""
+        cfg, what = self.cfg, f"{self.last:.0%} of the frame at its brightest value"
+        if change == "overexposed":
+            return (f"{what}, over {cfg.clipped_share:.0%} for {cfg.frames} frames: check "
+                    "lighting and exposure time")
+        return f"{what}, under {cfg.clipped_share / 2:.1%} for {cfg.frames} frames"
+
     def _towards_other(self, value: float) -> bool:
         limit = self.cfg.clipped_share
         return value < limit / 2 if self.active else value >= limit
@@ -147,6 +169,7 @@ class DarkWatch(_Watch):
     """Under-exposure, fed :func:`bright_level`: on below ``level``, off at 1.5 x it."""
 
     entered = "underexposed"
+    measure_name = "bright_level"
 
     def __init__(self, cfg: UnderexposureConfig) -> None:
         super().__init__(cfg.frames)
@@ -156,6 +179,19 @@ class DarkWatch(_Watch):
     def underexposed(self) -> bool:
         """True while the camera is reported under-exposed."""
         return self.active
+
+    def measure(self, pixels: np.ndarray) -> float:
+        """:func:`bright_level` of the frame against the camera's full scale."""
+        return bright_level(pixels, self.cfg.full_scale)
+
+    def describe(self, change: ExposureChange) -> str:
+        """The bright level against the limit, and what to check."""
+        cfg, what = self.cfg, f"brightest 1 % of the frame at {self.last:.0%} of full scale"
+        if change == "underexposed":
+            return (f"{what}, under {cfg.level:.0%} for {cfg.frames} frames: check lighting, "
+                    "aperture and exposure time (or cameras.underexposure.full_scale for a "
+                    "sensor of fewer bits than its pixel type)")
+        return f"{what}, over {cfg.level * DARK_CLEAR:.0%} for {cfg.frames} frames"
 
     def _towards_other(self, value: float) -> bool:
         limit = self.cfg.level

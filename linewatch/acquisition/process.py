@@ -29,14 +29,7 @@ import numpy as np
 import zmq
 
 from linewatch.acquisition.base import FrameSource, MissedFrames, RawFrame, SourceLost, make_source
-from linewatch.acquisition.exposure import (
-    DARK_CLEAR,
-    DarkWatch,
-    ExposureChange,
-    ExposureWatch,
-    bright_level,
-    clipped_share,
-)
+from linewatch.acquisition.exposure import DarkWatch, ExposureChange, ExposureWatch
 from linewatch.config import CameraConfig, GenicamSource, LineConfig, TransportConfig
 from linewatch.errors import ConfigError
 from linewatch.lifecycle import notify_ready
@@ -118,8 +111,10 @@ class AcquisitionProcess:
         self._sock: zmq.Socket[Any] | None = None
         self._pending_gaps: list[tuple[int, int]] = []
         self._dropped = 0  # frames dropped for lack of room downstream
-        self._exposure = ExposureWatch(camera.overexposure)
-        self._dark = DarkWatch(camera.underexposure)
+        self._exposure_watches = [
+            watch for watch in (ExposureWatch(camera.overexposure), DarkWatch(camera.underexposure))
+            if watch.cfg.enabled
+        ]
         self._stop = threading.Event()
         self._log = get_logger("acquisition").bind(camera=camera.id)
 
@@ -227,28 +222,11 @@ class AcquisitionProcess:
         self._add_gap(seq, seq)
 
     def _watch_exposure(self, pixels: np.ndarray) -> None:
-        over, under = self.camera.overexposure, self.camera.underexposure
-        if over.enabled:
-            change = self._exposure.observe(clipped_share(pixels))
+        for watch in self._exposure_watches:
+            change = watch.observe(watch.measure(pixels))
             if change is not None:
-                share = self._exposure.last
-                what = f"{share:.0%} of the frame at its brightest value"
-                self._report_exposure(change, what + (
-                    f", over {over.clipped_share:.0%} for {over.frames} frames: check lighting "
-                    "and exposure time" if change == "overexposed" else
-                    f", under {over.clipped_share / 2:.1%} for {over.frames} frames"
-                ), clipped_share=round(share, 4))
-        if under.enabled:
-            change = self._dark.observe(bright_level(pixels, under.full_scale))
-            if change is not None:
-                level = self._dark.last
-                what = f"brightest 1 % of the frame at {level:.0%} of full scale"
-                self._report_exposure(change, what + (
-                    f", under {under.level:.0%} for {under.frames} frames: check lighting, "
-                    "aperture and exposure time (or cameras.underexposure.full_scale for a "
-                    "sensor of fewer bits than its pixel type)" if change == "underexposed" else
-                    f", over {under.level * DARK_CLEAR:.0%} for {under.frames} frames"
-                ), bright_level=round(level, 4))
+                measure = {watch.measure_name: round(watch.last, 4)}
+                self._report_exposure(change, watch.describe(change), **measure)
 
     def _report_exposure(self, change: ExposureChange, detail: str, **measure: float) -> None:
         if change == "exposure_ok":
