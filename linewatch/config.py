@@ -67,6 +67,11 @@ class _PacedSource(_Strict):
         "together, like cameras on one trigger; none = paced from this source's own start",
     )
 
+    @property
+    def phase_s(self) -> float | None:
+        """``phase_ms`` in seconds (None when unset)."""
+        return None if self.phase_ms is None else self.phase_ms / 1000.0
+
 
 class FolderSource(_PacedSource):
     """Replays the images of a folder (or an MVTec-layout data set) at a set rate."""

@@ -56,7 +56,7 @@ ExposureChange = Literal["overexposed", "underexposed", "exposure_ok"]
 _STEP = 4
 _MAX_SAMPLES = 128 * 128
 # A dark camera is cleared only well above the level, so a level wavering near it does not flap.
-DARK_CLEAR = 1.5
+_DARK_CLEAR = 1.5
 
 
 def _grid_sample(pixels: np.ndarray) -> np.ndarray:
@@ -191,8 +191,8 @@ class DarkWatch(_Watch):
             return (f"{what}, under {cfg.level:.0%} for {cfg.frames} frames: check lighting, "
                     "aperture and exposure time (or cameras.underexposure.full_scale for a "
                     "sensor of fewer bits than its pixel type)")
-        return f"{what}, over {cfg.level * DARK_CLEAR:.0%} for {cfg.frames} frames"
+        return f"{what}, over {cfg.level * _DARK_CLEAR:.0%} for {cfg.frames} frames"
 
     def _towards_other(self, value: float) -> bool:
         limit = self.cfg.level
-        return value >= limit * DARK_CLEAR if self.active else value < limit
+        return value >= limit * _DARK_CLEAR if self.active else value < limit

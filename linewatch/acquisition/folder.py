@@ -30,7 +30,7 @@ class FolderReplay(FrameSource):
         super().__init__()
         self.cfg = cfg
         self.pace_hz = cfg.fps
-        self.pace_phase_s = None if cfg.phase_ms is None else cfg.phase_ms / 1000.0
+        self.pace_phase_s = cfg.phase_s
         self.files: list[Path] = []
         self.unreadable = 0
         """Files that failed to read, over all loops."""

@@ -28,7 +28,7 @@ class SynthCamera(FrameSource):
         super().__init__()
         self.cfg = cfg
         self.pace_hz = cfg.fps
-        self.pace_phase_s = None if cfg.phase_ms is None else cfg.phase_ms / 1000.0
+        self.pace_phase_s = cfg.phase_s
         self.index = 0
         """Index of the next frame."""
         self.defects = 0
