@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from linewatch.errors import ConfigError
+from linewatch.model.aspect import memory_groups
 from linewatch.model.joint import JointModel, gaussian_blur, reduce_map
 from linewatch.model.mdaae import NormalMemory, build_memory_bank
 from linewatch.model.sagan import SelfAttention, attention_mask
 from linewatch.model.scorer import Prepared, Region
 from linewatch.model.settings import TERMS, ModelSettings, TrainSettings, variant_settings
-from linewatch.model.train import _Optimisers, _train_step
+from linewatch.model.train import (
+    FeatureCache,
+    _feature_stats,
+    _Optimisers,
+    _train_step,
+    finish_model,
+)
 
 torch.set_num_threads(1)
 
@@ -136,6 +144,87 @@ def test_gaussian_memory_flags_a_vector_off_the_normal_correlation() -> None:
     along = torch.full((1, 2, 2, 2), 2.0)  # far along the normal direction
     across = torch.tensor([1.0, -1.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2)  # off it
     assert float(memory.distance(across).min()) > 5 * float(memory.distance(along).max())
+
+
+def _two_shape_features(n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Narrow frames (aspect 0.5) whose channel 1 follows channel 0, wide ones (2.0) whose
+    channel 1 opposes it: each shape has its own normal direction."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 1, 2, 2, generator=g)
+    aspects = np.repeat([0.5, 2.0], n // 2)
+    sign = torch.from_numpy(np.where(aspects < 1, 1.0, -1.0)).float().view(n, 1, 1, 1)
+    noise = 0.05 * torch.randn(n, 1, 2, 2, generator=g)
+    return torch.cat([base, sign * base + noise], 1), aspects
+
+
+def test_memory_per_shape_judges_a_frame_by_the_statistics_of_its_own_shape() -> None:
+    feats, aspects = _two_shape_features(400, seed=0)
+    groups = memory_groups(aspects, 2, overlap=0.0, min_images=100)
+    assert groups.edges == (1.25,)
+    memory = NormalMemory("gaussian", 2)
+    memory.fit_gaussian_per_shape([(feats[:200], aspects[:200]), (feats[200:], aspects[200:])],
+                                  1e-3, groups)
+    assert memory.groups == 2
+    along = torch.tensor([2.0, 2.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2)  # narrow frames' way
+    narrow, wide = (torch.tensor([a], dtype=torch.float64) for a in (0.5, 2.0))
+    assert float(memory.distance(along, wide).min()) > 5 * float(
+        memory.distance(along, narrow).max())
+    # One memory over both shapes finds both directions normal and cannot tell them apart.
+    single = NormalMemory("gaussian", 2)
+    single.fit_gaussian([feats], 1e-3)
+    assert float(single.distance(along).max()) < float(memory.distance(along, wide).min()) / 5
+    # A frame's distance does not depend on the shapes of its batch neighbours.
+    batch = torch.cat([along, along, -along])
+    mixed = memory.distance(batch, torch.tensor([2.0, 0.5, 2.0], dtype=torch.float64))
+    alone = torch.cat([memory.distance(batch[i : i + 1], a)
+                       for i, a in enumerate([wide, narrow, wide])])
+    torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="aspects"):
+        memory.distance(along)
+
+
+def test_memory_groups_spill_over_their_edges_and_shrink_to_what_the_images_allow() -> None:
+    aspects = np.repeat([0.5, 1.0, 2.0], 100)
+    tight, spilled = memory_groups(aspects, 3, 0.0), memory_groups(aspects, 3, 0.1)
+    assert tight.edges == spilled.edges == (0.75, 1.5)
+    assert [int(tight.members(aspects, g).sum()) for g in range(3)] == [100, 100, 100]
+    assert [int(spilled.members(aspects, g).sum()) for g in range(3)] == [200, 300, 200]
+    assert len(memory_groups(aspects[:250], 3, 0.1)) == 2  # 250 images: two groups of 100+
+    assert len(memory_groups(aspects[:150], 3, 0.1)) == 1
+    assert len(memory_groups(np.ones(600), 3, 0.1)) == 1  # one shape: one memory
+    assert len(memory_groups(aspects, 1, 0.1)) == 1  # asked for one
+
+
+def test_a_memory_written_before_shape_groups_loads_as_one_group() -> None:
+    feats, _ = _two_shape_features(200, seed=1)
+    memory = NormalMemory("gaussian", 2)
+    memory.fit_gaussian([feats], 1e-3)
+    old = {"bank": memory.bank, "mean": memory.mean[0], "precision": memory.precision[0]}
+    loaded = NormalMemory("gaussian", 2)
+    loaded.take_shapes(old, "")
+    loaded.load_state_dict(old, strict=True)
+    assert loaded.groups == 1
+    torch.testing.assert_close(loaded.distance(feats[:4]), memory.distance(feats[:4]))
+
+
+def test_training_fits_one_memory_per_shape_and_scoring_needs_the_frames_aspects() -> None:
+    model = _model("E", memory_shape_groups=2, memory_shape_overlap=0.1)
+    n, g = 240, torch.Generator().manual_seed(0)
+    feats = [torch.randn(n, c, SIZE // s, SIZE // s, generator=g).half()
+             for c, s in zip(CHANNELS, STRIDES, strict=True)]
+    shapes = [(SIZE, SIZE // 2) if i % 2 else (SIZE, 2 * SIZE) for i in range(n)]
+    regions = [Region(box=(0, 0, SIZE, SIZE), shape=shape) for shape in shapes]
+    cache = FeatureCache(x=None, feats=feats, regions=regions, size=(SIZE, SIZE))
+    assert model.mdaae is not None
+    model.mdaae.set_feature_stats(*_feature_stats(cache))
+    finish_model(model, cache, seed=0)
+    assert model.memory is not None and model.memory.groups == 2
+    assert float(model.memory.aspect_edges[0]) == pytest.approx(1.25)
+    prep = cache.batch(range(4), torch.device("cpu"))
+    maps = model.term_maps(model(prep.x, prep.feats, ("mem",), prep.aspects), ["mem"])
+    assert maps["mem"].shape == (4, 1, *model.grid)
+    with pytest.raises(ValueError, match="aspects"):
+        model.term_maps(model(prep.x, prep.feats, ("mem",)), ["mem"])
 
 
 def test_greedy_coreset_keeps_the_rare_pattern_random_may_drop() -> None:

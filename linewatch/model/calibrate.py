@@ -35,6 +35,7 @@ from linewatch.log import get_logger
 from linewatch.metrics.ranking import auroc, pr_auc
 from linewatch.metrics.thresholds import ThresholdSet, fit_thresholds
 from linewatch.model.acceleration import load_served_scorer
+from linewatch.model.aspect import split_aspects
 from linewatch.model.joint import Normalisation, ShapeGroups, TermNorm
 from linewatch.model.modelfile import update_model_meta
 from linewatch.model.scorer import Prepared, Region, Scorer, crop_reduce, shape_standardised
@@ -112,7 +113,7 @@ def collect_term_maps(scorer: Scorer, batches: Iterable[Prepared]) -> TermMaps:
     regions: list[Region] = []
     with torch.inference_mode():
         for prep in batches:
-            raw = model.term_maps(model(prep.x, prep.feats, terms), terms)
+            raw = model.term_maps(model(prep.x, prep.feats, terms, prep.aspects), terms)
             for t in terms:
                 parts[t].append(raw[t].float().cpu())
             regions += prep.regions
@@ -250,7 +251,7 @@ def fit_shape_groups(scores: np.ndarray, aspects: np.ndarray, groups: int) -> Sh
     True
     """
     for k in range(min(groups, len(scores) // MIN_GOODS_PER_SHAPE_GROUP), 1, -1):
-        edges = _split_edges(aspects, k)
+        edges = split_aspects(aspects, k)
         if edges is None:
             continue
         members = np.searchsorted(edges, aspects, side="right")  # as ShapeGroups.group
@@ -261,21 +262,6 @@ def fit_shape_groups(scores: np.ndarray, aspects: np.ndarray, groups: int) -> Sh
         scale = max(1.4826 * float(np.median(np.abs(centred))), _MIN_SCALE)
         return ShapeGroups(edges=[float(e) for e in edges], centre=centre, scale=scale)
     return None
-
-
-def _split_edges(aspects: np.ndarray, k: int) -> np.ndarray | None:
-    """``k - 1`` edges near the quantiles of ``aspects``, each halfway between two distinct
-    values, so that frames of one shape always share a group; None if there are not enough
-    distinct values."""
-    values = np.sort(aspects)
-    starts = np.flatnonzero(np.diff(values) > 0) + 1  # where each next distinct value starts
-    if len(starts) < k - 1:
-        return None
-    targets = np.arange(1, k) * len(values) / k
-    cuts = np.unique([starts[np.argmin(np.abs(starts - t))] for t in targets])
-    if len(cuts) != k - 1:
-        return None
-    return np.asarray((values[cuts - 1] + values[cuts]) / 2.0)
 
 
 def calibrate_scorer(

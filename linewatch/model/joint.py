@@ -132,6 +132,7 @@ class JointForward:
     x_pix: Tensor | None = None
     x_hat: Tensor | None = None
     att: Tensor | None = None
+    aspects: Tensor | None = None  # (B,) width / height of each frame, for the memory's groups
 
 
 class JointModel(nn.Module):
@@ -200,25 +201,32 @@ class JointModel(nn.Module):
 
     def load_tensors(self, tensors: Mapping[str, Tensor]) -> None:
         """Load a state dict from a model file; memory buffers take the stored shapes."""
+        tensors = dict(tensors)  # older memory layouts are rewritten in place
         if self.memory is not None:
             self.memory.take_shapes(tensors, "memory.")
         if self.mdaae is not None:
             for i, memory in enumerate(self.mdaae.residual_memories):
                 memory.take_shapes(tensors, f"mdaae.residual_memory.{i}.")
-        self.load_state_dict(dict(tensors), strict=True)
+        self.load_state_dict(tensors, strict=True)
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, x: Tensor, feats: Sequence[Tensor] | None = None, terms: Iterable[str] | None = None
+        self,
+        x: Tensor,
+        feats: Sequence[Tensor] | None = None,
+        terms: Iterable[str] | None = None,
+        aspects: Tensor | None = None,
     ) -> JointForward:
         """Run the reconstruction side: MDAAE on ``feats`` and/or G on ``x``.
 
         ``terms`` limits the work to what those score terms need (the scorer of a model whose
         calibrated weights switch terms off skips their networks); None runs everything.
+        ``aspects`` (B,), each frame's width / height, picks the memory's group of frame
+        shape (:attr:`Prepared.aspects`); needed for the memory term when it has groups.
         """
         wanted = set(TERMS if terms is None else terms)
         pixels = bool(wanted & {"pix", "disc"})
-        out = JointForward(x=x)
+        out = JointForward(x=x, aspects=aspects)
         if self.mdaae is not None:
             if feats is None:
                 raise ValueError("this variant needs backbone features")
@@ -354,7 +362,8 @@ class JointModel(nn.Module):
 
     def _mem_map(self, fwd: JointForward) -> Tensor:
         assert self.memory is not None
-        return resize_to(self.memory.distance(self.memory_features(fwd)), self.grid)
+        distance = self.memory.distance(self.memory_features(fwd), fwd.aspects)
+        return resize_to(distance, self.grid)
 
     # ------------------------------------------------------------------ joint map
     def smooth(self, m: Tensor) -> Tensor:

@@ -15,13 +15,15 @@ surfaces; a frozen target cannot collapse, and standardising keeps every level o
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from linewatch.model.aspect import MemoryGroups
 
 __all__ = [
     "MDAAE",
@@ -297,24 +299,40 @@ class NormalMemory(nn.Module):
     bank: Tensor
     mean: Tensor
     precision: Tensor
+    aspect_edges: Tensor
 
     def __init__(self, kind: str, channels: int) -> None:
         super().__init__()
         self.kind = kind
         self.register_buffer("bank", torch.zeros(0, channels))
-        self.register_buffer("mean", torch.zeros(0, channels))
-        self.register_buffer("precision", torch.zeros(0, channels, channels))
+        # Gaussian: one (P, C) mean and (P, C, C) precision per group of frame shape.
+        self.register_buffer("mean", torch.zeros(1, 0, channels))
+        self.register_buffer("precision", torch.zeros(1, 0, channels, channels))
+        self.register_buffer("aspect_edges", torch.zeros(0, dtype=torch.float64))
 
     @property
     def ready(self) -> bool:
         """True once fitted (or loaded)."""
         if self.kind == "knn":
             return self.bank.shape[0] > 0
-        return self.kind == "gaussian" and self.mean.shape[0] > 0
+        return self.kind == "gaussian" and self.mean.shape[1] > 0
 
-    def take_shapes(self, tensors: Mapping[str, Tensor], prefix: str) -> None:
-        """Resize the buffers to the shapes stored in ``tensors`` before loading them."""
-        for name in ("bank", "mean", "precision"):
+    @property
+    def groups(self) -> int:
+        """Groups of frame shape with a Gaussian of their own (1: one for every shape)."""
+        return int(self.aspect_edges.numel()) + 1
+
+    def take_shapes(self, tensors: dict[str, Tensor], prefix: str) -> None:
+        """Resize the buffers to the shapes stored in ``tensors`` before loading them.
+
+        A file written before the memory had shape groups holds one (P, C) mean and (P, C, C)
+        precision and no edges; they are read as the one group they are.
+        """
+        if tensors.get(prefix + "mean", torch.zeros(1, 0, 0)).dim() == 2:
+            tensors[prefix + "mean"] = tensors[prefix + "mean"][None]
+            tensors[prefix + "precision"] = tensors[prefix + "precision"][None]
+            tensors.setdefault(prefix + "aspect_edges", torch.zeros(0, dtype=torch.float64))
+        for name in ("bank", "mean", "precision", "aspect_edges"):
             key = prefix + name
             if key in tensors:
                 current = getattr(self, name)
@@ -322,40 +340,92 @@ class NormalMemory(nn.Module):
 
     def fit_gaussian(self, batches: Iterable[Tensor], eps: float) -> None:
         """Mean and inverse covariance per position from batches of ``Phi`` (B, C, h, w)."""
-        acc = GaussianAccumulator()
-        for batch in batches:
-            acc.add(batch)
-        self.set_gaussian(*acc.finish(eps))
+        self.fit_gaussian_per_shape(((b, None) for b in batches), eps, MemoryGroups.single())
 
-    def set_gaussian(self, mean: Tensor, precision: Tensor) -> None:
-        """Take a fitted mean (P, C) and precision (P, C, C)."""
+    def fit_gaussian_per_shape(
+        self, batches: Iterable[tuple[Tensor, np.ndarray | None]], eps: float,
+        groups: MemoryGroups,
+    ) -> None:
+        """One Gaussian per group of ``groups`` from batches of ``(Phi, aspects (B,))``.
+
+        Aspects may be None with a single group. Each group takes the views of its window.
+        """
+        accs = [GaussianAccumulator() for _ in range(len(groups))]
+        for phi, aspects in batches:
+            if len(groups) == 1:
+                accs[0].add(phi)
+                continue
+            if aspects is None:
+                raise ValueError("a memory per frame shape needs each view's aspect ratio")
+            for g, acc in enumerate(accs):
+                rows = groups.members(aspects, g)
+                if rows.any():
+                    acc.add(phi[torch.from_numpy(rows).to(phi.device)])
+        fitted = [acc.finish(eps) for acc in accs]
+        self.set_gaussian(torch.stack([m for m, _ in fitted]),
+                          torch.stack([p for _, p in fitted]), groups.edges)
+
+    def set_gaussian(self, mean: Tensor, precision: Tensor, edges: Sequence[float] = ()) -> None:
+        """Take a fitted mean and precision: (P, C) and (P, C, C) for one group, or
+        (G, P, C) and (G, P, C, C) with the ``G - 1`` aspect ``edges`` between the groups."""
+        if mean.dim() == 2:
+            mean, precision = mean[None], precision[None]
+        if mean.shape[0] != len(edges) + 1:
+            raise ValueError(f"{mean.shape[0]} Gaussians need {mean.shape[0] - 1} aspect edges")
         device = self.mean.device
         self.mean = mean.float().to(device)
         self.precision = precision.float().to(device)
+        self.aspect_edges = torch.tensor(list(edges), dtype=torch.float64, device=device)
 
     def fit_knn(self, features: Tensor, size: int, sampler: str, seed: int) -> None:
         """The coreset from all training vectors ``features`` (N, C)."""
         self.bank = build_memory_bank(features, size, sampler, seed).to(self.bank.device)
 
-    def distance(self, phi: Tensor) -> Tensor:
-        """Distance map (B, 1, h, w) of ``Phi`` to the normal memory."""
+    def group_of(self, aspects: Tensor | None, batch: int) -> Tensor:
+        """Which group's Gaussian scores each frame (B,), from the frames' aspect ratios."""
+        if self.groups == 1:
+            return torch.zeros(batch, dtype=torch.long, device=self.mean.device)
+        if aspects is None:
+            raise ValueError(
+                f"this memory has {self.groups} groups of frame shape; pass the frames' aspects"
+            )
+        return torch.bucketize(aspects.to(self.aspect_edges), self.aspect_edges, right=True)
+
+    def distance(self, phi: Tensor, aspects: Tensor | None = None) -> Tensor:
+        """Distance map (B, 1, h, w) of ``Phi`` to the normal memory.
+
+        ``aspects`` (B,): each frame's width / height, needed when the Gaussian memory has
+        groups of frame shape.
+        """
         b, _, h, w = phi.shape
         if self.kind == "knn":
             vectors = phi.flatten(2).transpose(1, 2)  # (B, P, C)
             bank_sq = self.bank.pow(2).sum(1)
             rows = [nearest_distance(v, self.bank, bank_sq) for v in vectors]
             return torch.stack(rows).view(b, 1, h, w)
-        if self.mean.shape[0] != h * w:
+        if self.mean.shape[1] != h * w:
             raise ValueError(
-                f"Gaussian memory was fitted on a {self.mean.shape[0]}-position grid, got {h}x{w}"
+                f"Gaussian memory was fitted on a {self.mean.shape[1]}-position grid, got {h}x{w}"
             )
         # Contiguous (P, B, C): the permuted view made the batched product copy and select
         # per position, 1.9-2.1x its time (4.0 vs 1.7 ms for 8 frames, 176 channels, 2 cores).
-        e = phi.flatten(2).permute(2, 0, 1).contiguous() - self.mean[:, None]
+        e = phi.flatten(2).permute(2, 0, 1).contiguous()
+        group = self.group_of(aspects, b)
+        if bool((group == group[0]).all()):  # the usual batch: one camera, one shape
+            d2 = self._squared(e, int(group[0]))
+        else:
+            d2 = e.new_empty(h * w, b)
+            for g in group.unique().tolist():
+                members = torch.nonzero(group == g).squeeze(1)
+                d2[:, members] = self._squared(e[:, members], g)
+        return d2.clamp_min(0.0).sqrt().T.reshape(b, 1, h, w)
+
+    def _squared(self, e: Tensor, group: int) -> Tensor:
+        """Squared Mahalanobis distances (P, B) of the (P, B, C) rows to ``group``'s Gaussian."""
+        e = e - self.mean[group][:, None]
         # One matrix product per position over the batch: each image's row is computed by
         # itself (no reduction runs across images), so batch neighbours cannot change it.
-        d2 = (torch.bmm(e, self.precision) * e).sum(-1)  # (P, B)
-        return d2.clamp_min(0.0).sqrt().T.reshape(b, 1, h, w)
+        return (torch.bmm(e, self.precision[group]) * e).sum(-1)
 
 
 def nearest_distance(queries: Tensor, bank: Tensor, bank_sq: Tensor, chunk: int = 4096) -> Tensor:

@@ -91,6 +91,11 @@ class Prepared:
     feats: list[Tensor] | None
     regions: list[Region]
 
+    @property
+    def aspects(self) -> Tensor:
+        """Each frame's width / height (B,), which picks the memory's group of frame shape."""
+        return torch.tensor([r.aspect for r in self.regions], dtype=torch.float64)
+
 
 def resolve_device(choice: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a one-line error."""
@@ -365,7 +370,7 @@ class Scorer(_ScorerBase):
     def score_prepared(self, prep: Prepared) -> tuple[Tensor, Tensor]:
         """Joint maps (B, 1, S, S) and scores (B,) for a prepared batch."""
         with torch.inference_mode():
-            fwd = self.model(prep.x, prep.feats, self.terms)
+            fwd = self.model(prep.x, prep.feats, self.terms, prep.aspects)
             raw = self.model.term_maps(fwd, self.terms)
             maps = shape_standardised(self.model.joint_map(raw), prep.regions, self.model.norm)
             scores = crop_reduce(

@@ -35,6 +35,7 @@ from linewatch.data.images import read_image
 from linewatch.data.mvtec import MVTecDataset, Sample
 from linewatch.errors import DataError, ModelFileError
 from linewatch.log import get_logger
+from linewatch.model.aspect import memory_groups
 from linewatch.model.backbone import FeatureExtractor
 from linewatch.model.joint import JointModel
 from linewatch.model.modelfile import (
@@ -651,7 +652,9 @@ def finish_model(
     """
     originals = train_cache.unaugmented()
     device = model.pos_mean.device  # where the memories and statistics are fitted
-    _fit_memory(model, itertools.chain(originals.batches(batch, device), extra_memory), seed)
+    aspects = np.array([r.aspect for r in originals.regions])
+    _fit_memory(model, itertools.chain(originals.batches(batch, device), extra_memory), seed,
+                aspects)
     _fit_residuals(model, originals, batch)
     fit_position_norm(model, originals, batch)
 
@@ -673,25 +676,33 @@ def _fit_residuals(model: JointModel, cache: FeatureCache, batch: int) -> None:
     log.info("residuals_fitted", levels=len(mdaae.level_channels))
 
 
-def _fit_memory(model: JointModel, batches: Iterable[Prepared], seed: int) -> None:
+def _fit_memory(
+    model: JointModel, batches: Iterable[Prepared], seed: int, aspects: np.ndarray
+) -> None:
+    """The memory of normal features; ``aspects`` of the training images (not their extra
+    views) set its groups of frame shape."""
     s = model.settings
     memory = model.memory
     if memory is None or s.memory == "none" or model.mdaae is None:
         return
     views = 0
 
-    def phis() -> Iterator[Tensor]:
+    def phis() -> Iterator[tuple[Tensor, np.ndarray]]:
         nonlocal views
         with torch.inference_mode():
             for prep in batches:
                 views += prep.x.shape[0]
-                yield model.memory_features(model(prep.x, prep.feats, ("mem",)))
+                fwd = model(prep.x, prep.feats, ("mem",))
+                yield model.memory_features(fwd), prep.aspects.numpy()
 
     if s.memory == "gaussian":
-        memory.fit_gaussian(phis(), s.gauss_eps)
-    else:
-        rows = [p.permute(0, 2, 3, 1).reshape(-1, p.shape[1]).cpu() for p in phis()]
-        memory.fit_knn(torch.cat(rows), s.bank_size, s.bank_sampler, seed)
+        groups = memory_groups(aspects, s.memory_shape_groups, s.memory_shape_overlap)
+        memory.fit_gaussian_per_shape(phis(), s.gauss_eps, groups)
+        log.info("memory_fitted", kind=s.memory, views=views, shape_groups=len(groups),
+                 aspect_edges=[round(e, 3) for e in groups.edges])
+        return
+    rows = [p.permute(0, 2, 3, 1).reshape(-1, p.shape[1]).cpu() for p, _ in phis()]
+    memory.fit_knn(torch.cat(rows), s.bank_size, s.bank_sampler, seed)
     log.info("memory_fitted", kind=s.memory, views=views)
 
 
@@ -732,7 +743,7 @@ def fit_position_norm(model: JointModel, cache: FeatureCache, batch: int = 32) -
     def forwards() -> Iterator[Any]:
         with torch.inference_mode():
             for prep in cache.batches(batch, device):
-                yield model(prep.x, prep.feats)
+                yield model(prep.x, prep.feats, aspects=prep.aspects)
 
     with torch.inference_mode():
         model.fit_position_norm(forwards())
