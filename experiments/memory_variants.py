@@ -1,7 +1,8 @@
 """Refit the memory of normal features on other backbone levels or poolings, and compare.
 
     python experiments/memory_variants.py MODEL DATA --variant base=s4,s8,s16 \
-        --variant s16a=s4,s8,s16a,s16 [--corrupt light:strong snp:0.25] [--copies 1]
+        --variant s16a=s4,s8,s16a,s16 --variant one=s4,s8,s16@1 \
+        [--corrupt light:strong snp:0.25] [--copies 1]
 
 The model's memory term (a per-position Gaussian over the standardised backbone levels) does
 not depend on the trained networks, so its alternatives can be compared without training:
@@ -12,6 +13,8 @@ calibrated on ``val`` the way ``linewatch calibrate`` does and scored on ``test`
 under each ``--corrupt`` (seed 0, as ``linewatch evaluate``). A variant is a list of levels
 (``s4``, ``s8``, ``s16a``, ``s16``, ``s32``), each pooled into the memory's cells by its mean;
 ``s4:max`` pools by the maximum, ``s4:std`` adds the within-cell spread as channels.
+``...@K`` or ``...@K:F`` fits the memory per ``K`` groups of frame shape that overlap by ``F``
+(default: the model's ``memory_shape_groups`` and ``memory_shape_overlap``; ``@1``: one memory).
 
 Prints, per variant: channels, val AUROC, and for test and each corruption the image AUROC,
 false alarms and recall at the calibrated operating point; for clean test also the false
@@ -36,9 +39,10 @@ from linewatch.data.images import read_image
 from linewatch.data.mvtec import MVTecDataset
 from linewatch.metrics.ranking import auroc
 from linewatch.model.acceleration import load_served_scorer
+from linewatch.model.aspect import memory_groups
 from linewatch.model.backbone import FeatureExtractor
 from linewatch.model.calibrate import TermMaps, calibrate_maps, joint_scores
-from linewatch.model.mdaae import GaussianAccumulator, NormalMemory, resize_to
+from linewatch.model.mdaae import NormalMemory, resize_to
 from linewatch.model.preprocess import jitter_exposure
 from linewatch.model.scorer import Region, Scorer, model_input
 
@@ -54,23 +58,48 @@ class ImageSet:
     regions: list[Region]
     labels: np.ndarray
 
+    @property
+    def aspects(self) -> np.ndarray:
+        """Each frame's width / height."""
+        return np.array([r.aspect for r in self.regions])
 
-def parse_variant(text: str) -> tuple[str, list[tuple[str, str]]]:
-    """``name=s4,s8:max`` -> ``("name", [("s4", "mean"), ("s8", "max")])``.
+
+@dataclass(frozen=True)
+class Variant:
+    """A memory to compare: its levels and poolings, and its groups of frame shape."""
+
+    name: str
+    levels: list[tuple[str, str]]
+    shape_groups: int | None = None  # None: the model's settings
+    shape_overlap: float | None = None
+
+
+def parse_variant(text: str) -> Variant:
+    """``NAME=LEVEL[:POOL],...[@GROUPS[:OVERLAP]]`` as a :class:`Variant`.
 
     >>> parse_variant("x=s4,s8:std")
-    ('x', [('s4', 'mean'), ('s8', 'std')])
+    Variant(name='x', levels=[('s4', 'mean'), ('s8', 'std')], shape_groups=None, shape_overlap=None)
+    >>> v = parse_variant("g=s4@3:0.2"); v.levels, v.shape_groups, v.shape_overlap
+    ([('s4', 'mean')], 3, 0.2)
     """
+    usage = f"variant {text!r}: expected NAME=LEVEL[:POOL],...[@GROUPS[:OVERLAP]]"
     name, _, spec = text.partition("=")
+    spec, _, grouping = spec.partition("@")
     if not name or not spec:
-        raise argparse.ArgumentTypeError(f"variant {text!r}: expected NAME=LEVEL[:POOL],...")
+        raise argparse.ArgumentTypeError(usage)
     parts = []
     for item in spec.split(","):
         level, _, pool = item.partition(":")
         if (pool or "mean") not in _POOLS:
             raise argparse.ArgumentTypeError(f"variant {text!r}: pool must be one of {_POOLS}")
         parts.append((level, pool or "mean"))
-    return name, parts
+    if not grouping:
+        return Variant(name, parts)
+    groups, _, overlap = grouping.partition(":")
+    try:
+        return Variant(name, parts, int(groups), float(overlap) if overlap else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(usage) from None
 
 
 def _pooled(feature: Tensor, cells: int, pool: str) -> Tensor:
@@ -114,32 +143,34 @@ def _variant_features(
             for name, s in sets.items()}
 
 
-def _maps(scorer: Scorer, memory: NormalMemory, feats: Tensor, regions: list[Region]) -> TermMaps:
+def _maps(scorer: Scorer, memory: NormalMemory, feats: Tensor, images: ImageSet) -> TermMaps:
     with torch.inference_mode():
-        distance = memory.distance(feats)
-    return TermMaps({"mem": resize_to(distance, scorer.model.grid)}, regions)
+        distance = memory.distance(feats, torch.from_numpy(images.aspects))
+    return TermMaps({"mem": resize_to(distance, scorer.model.grid)}, images.regions)
 
 
-def evaluate_variant(scorer: Scorer, sets: dict[str, ImageSet],
-                     levels: list[tuple[str, str]], fit_on: list[str]) -> list[str]:
+def evaluate_variant(scorer: Scorer, sets: dict[str, ImageSet], variant: Variant,
+                     fit_on: list[str]) -> list[str]:
     """Fit, calibrate and score one variant; its table cells."""
-    feats = _variant_features(sets, levels)
-    acc = GaussianAccumulator()
-    for name in fit_on:
-        acc.add(feats[name])
+    feats = _variant_features(sets, variant.levels)
+    s = scorer.settings
+    groups = memory_groups(
+        sets["train"].aspects,
+        s.memory_shape_groups if variant.shape_groups is None else variant.shape_groups,
+        s.memory_shape_overlap if variant.shape_overlap is None else variant.shape_overlap)
     memory = NormalMemory("gaussian", int(feats["train"].shape[1]))
-    memory.set_gaussian(*acc.finish(scorer.settings.gauss_eps))
+    memory.fit_gaussian_per_shape([(feats[name], sets[name].aspects) for name in fit_on],
+                                  scorer.settings.gauss_eps, groups)
     val = sets["val"]
     norm, thresholds, _, val_auroc, _ = calibrate_maps(
-        scorer, _maps(scorer, memory, feats["val"], val.regions), val.labels)
+        scorer, _maps(scorer, memory, feats["val"], val), val.labels)
     scorer.model.norm = norm
     scorer.refresh()
     weights = scorer.model.weights
-    cells = [f"{int(feats['train'].shape[1])}", f"{val_auroc:.4f}"]
+    cells = [f"{int(feats['train'].shape[1])}", f"{len(groups)}", f"{val_auroc:.4f}"]
     for name in [n for n in sets if n not in ("train", "val") and not n.startswith("jitter")]:
         labels = sets[name].labels
-        scores = joint_scores(scorer, _maps(scorer, memory, feats[name], sets[name].regions),
-                              weights)
+        scores = joint_scores(scorer, _maps(scorer, memory, feats[name], sets[name]), weights)
         alarm = scores >= thresholds.operating_point
         cells.append(f"{auroc(labels, scores):.4f} {alarm[labels == 0].mean():.1%} "
                      f"{alarm[labels == 1].mean():.3f}")
@@ -156,7 +187,7 @@ def main() -> None:
     parser.add_argument("model", help="a trained model file (.lwm): pre-processing, smoothing")
     parser.add_argument("data", help="data set in MVTec layout with train, val and test")
     parser.add_argument("--variant", type=parse_variant, action="append", required=True,
-                        metavar="NAME=LEVEL[:POOL],...")
+                        metavar="NAME=LEVEL[:POOL],...[@GROUPS[:OVERLAP]]")
     parser.add_argument("--corrupt", nargs="*", default=[], metavar="KIND")
     parser.add_argument("--copies", type=int, default=1, help="exposure-jittered train copies")
     parser.add_argument("--seed", type=int, default=7, help="seed of the jittered copies")
@@ -164,8 +195,8 @@ def main() -> None:
     args = parser.parse_args()
     log.configure(args.log_level)
     scorer = load_served_scorer(args.model, "cpu")
-    variants: list[tuple[str, list[tuple[str, str]]]] = args.variant
-    wanted = {part for _, levels in variants for part in levels}
+    variants: list[Variant] = args.variant
+    wanted = {part for v in variants for part in v.levels}
     fx = FeatureExtractor(scorer.settings.backbone, sorted({lv for lv, _ in wanted}))
     dataset = MVTecDataset(args.data)
     frames: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}
@@ -185,10 +216,11 @@ def main() -> None:
     sets = {name: extract(scorer, fx, fr, labels, wanted) for name, (fr, labels) in frames.items()}
     fit_on = ["train", *(f"jitter{c}" for c in range(args.copies))]
     scored = ["test", *args.corrupt]
-    print("variant".ljust(20), "channels", "val_auroc", "  ".join(
+    print("variant".ljust(20), "channels", "groups", "val_auroc", "  ".join(
         f"{n}(auroc far rec)" + (" far@rec0.90" if n == "test" else "") for n in scored))
-    for name, levels in variants:
-        print(name.ljust(20), "  ".join(evaluate_variant(scorer, sets, levels, fit_on)), flush=True)
+    for variant in variants:
+        cells = evaluate_variant(scorer, sets, variant, fit_on)
+        print(variant.name.ljust(20), "  ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -31,17 +31,18 @@ def test_memory_variants_prints_a_row_per_variant(trained: tuple[Path, Path]) ->
     model, data = trained
     done = subprocess.run(
         [sys.executable, str(EXPERIMENTS / "memory_variants.py"), str(model), str(data),
-         "--variant", "mean=s4,s8,s16", "--variant", "spread=s4:std,s8:max,s16",
+         "--variant", "mean=s4,s8,s16", "--variant", "spread=s4:std,s8:max,s16@3:0.1",
          "--corrupt", "light:strong"],
         capture_output=True, text=True, timeout=300, check=True,
     )
     rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[1:]}
     assert set(rows) == {"mean", "spread"}
     assert rows["mean"][0] == "176" and rows["spread"][0] == "176"  # 24 + 40 + 112 channels
+    assert rows["spread"][1] == "1"  # frames of one shape: one memory, whatever was asked
     for cells in rows.values():
-        # channels, val AUROC, test (AUROC, false alarms, recall, false alarms @ 0.90),
+        # channels, groups, val AUROC, test (AUROC, false alarms, recall, false alarms @ 0.90),
         # strong light (AUROC, false alarms, recall)
-        assert len(cells) == 9
+        assert len(cells) == 10
         assert all(re.fullmatch(r"\d+(\.\d+)?%?", c) for c in cells)
 
 
@@ -53,3 +54,9 @@ def test_a_bad_variant_is_refused_in_one_line(trained: tuple[Path, Path]) -> Non
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2 and "pool must be one of" in done.stderr
+    done = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "memory_variants.py"), str(model), str(data),
+         "--variant", "x=s4@three"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and "expected NAME=LEVEL" in done.stderr
