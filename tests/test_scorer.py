@@ -16,7 +16,7 @@ from linewatch.errors import ModelFileError
 from linewatch.metrics import auroc
 from linewatch.model.calibrate import fit_shape_groups
 from linewatch.model.joint import ShapeGroups
-from linewatch.model.modelfile import read_model_meta, update_model_meta
+from linewatch.model.modelfile import read_model_meta, save_model_file, update_model_meta
 from linewatch.model.scorer import (
     BackboneOnlyScorer,
     Scorer,
@@ -27,8 +27,8 @@ from linewatch.model.scorer import (
     standardise_intensity,
     to_frame_maps,
 )
-from linewatch.model.settings import TrainSettings, variant_settings
-from linewatch.model.train import train
+from linewatch.model.settings import ScoreWeights, TrainSettings, variant_settings
+from linewatch.model.train import model_tensors, train
 
 torch.set_num_threads(1)
 
@@ -220,6 +220,41 @@ def test_shape_groups_centre_each_frame_by_its_aspect_and_keep_batch_invariance(
     together = shaped.score_batch([wide, narrow, frame])
     for i, view in enumerate((wide, narrow, frame)):
         assert abs(float(together.scores[i]) - float(shaped.score_batch([view]).scores[0])) < 1e-4
+
+
+def test_a_memory_per_shape_scores_each_frame_by_its_group_through_the_model_file(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, trained_file = trained
+    model = tmp_path / "memory-scored.lwm"  # the same model, scored by its memory term alone
+    model.write_bytes(trained_file.read_bytes())
+    norm = Scorer.load(model, device="cpu").model.norm
+    memory_only = norm.model_copy(update={"weights": ScoreWeights(mem=1.0)})
+    update_model_meta(model, normalisation=memory_only.model_dump(mode="json"))
+    plain = Scorer.load(model, device="cpu")
+    assert plain.terms == ("mem",)
+    grouped = Scorer.load(model, device="cpu")
+    memory = grouped.model.memory
+    assert memory is not None and memory.groups == 1  # the synthetic set has one shape
+    # Wide frames (aspect above 1) get a Gaussian whose mean is off: they score higher.
+    memory.set_gaussian(torch.cat([memory.mean, memory.mean + 0.5]),
+                        torch.cat([memory.precision, memory.precision]), edges=[1.0])
+    grouped_file = tmp_path / "grouped.lwm"
+    save_model_file(grouped_file, model_tensors(grouped.model), read_model_meta(model))
+    loaded = Scorer.load(grouped_file, device="cpu")
+    assert loaded.model.memory is not None and loaded.model.memory.groups == 2
+
+    frame = _frames(data)[0]
+    narrow, wide = frame[:, : frame.shape[1] // 2], frame[: frame.shape[0] // 2]
+    assert abs(float(loaded.score_batch([narrow]).scores[0])
+               - float(plain.score_batch([narrow]).scores[0])) < 1e-4
+    assert float(loaded.score_batch([wide]).scores[0]) > float(
+        plain.score_batch([wide]).scores[0]) + 0.1
+    together = loaded.score_batch([wide, narrow, frame, wide])
+    for i, view in enumerate((wide, narrow, frame, wide)):
+        alone = loaded.score_batch([view])
+        assert abs(float(together.scores[i]) - float(alone.scores[0])) < 1e-4
+        np.testing.assert_allclose(together.maps[i], alone.maps[0], atol=1e-4)
 
 
 def test_shape_groups_are_refused_when_inconsistent() -> None:
