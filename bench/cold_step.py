@@ -12,15 +12,18 @@ CPU; this measures the same steps the way the line runs them:
   ``--pause-ms``, and times its decode right after it wakes: the dispatcher's situation.
 
 Steps: building a ``FrameHeader`` (pydantic), ``encode_frame`` and ``decode_camera_message``
-of a 256 x 256 RGB frame. ``--cpu N`` pins both processes to CPU N; ``--hold-cpu-latency``
-holds ``/dev/cpu_dma_latency`` at 0 while it runs (root only: CPUs then poll instead of
-entering an idle state, the kernel's PM QoS request that low-latency tunings make).
+of a 256 x 256 RGB frame; for comparison ``json.loads`` of the header alone, pydantic's
+``model_validate_json`` of it (one call, no stdlib parse) and an empty call. ``--cpu N``
+pins both processes to CPU N; ``--hold-cpu-latency`` holds ``/dev/cpu_dma_latency`` at 0
+while it runs (root only: CPUs then poll instead of entering an idle state, the kernel's PM
+QoS request that low-latency tunings make).
 Prints median and p90 microseconds per call.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import struct
@@ -50,10 +53,16 @@ def _time_us(call: Callable[[], object]) -> float:
 
 def _in_process(calls: int, pause_s: float) -> dict[str, list[float]]:
     parts = encode_frame(_header(1), _PIXELS)
+    raw = bytes(parts[0])
     steps: dict[str, Callable[[], object]] = {
         "FrameHeader(...)": lambda: _header(1),
         "encode_frame": lambda: encode_frame(_header(1), _PIXELS),
         "decode_camera_message": lambda: decode_camera_message(parts),
+        # Would a lighter codec help? The stdlib parse alone, and pydantic's own JSON parser
+        # in one call; an empty call is the floor of the timer after a pause.
+        "json.loads(header)": lambda: json.loads(raw),
+        "model_validate_json": lambda: FrameHeader.model_validate_json(raw),
+        "empty_call": lambda: None,
     }
     out: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(calls):

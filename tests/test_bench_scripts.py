@@ -25,7 +25,8 @@ def test_cold_step_times_each_step_in_each_mode() -> None:
     lines = _run("cold_step.py", "--calls", "8", "--pause-ms", "1")
     rows = [line.split() for line in lines if re.search(rf"{_NUMBER}\s+{_NUMBER}$", line)]
     modes = {(row[0], row[1]) for row in rows}
-    for step in ("FrameHeader(...)", "encode_frame", "decode_camera_message"):
+    for step in ("FrameHeader(...)", "encode_frame", "decode_camera_message",
+                 "json.loads(header)", "model_validate_json", "empty_call"):
         assert {(step, "loop"), (step, "paused")} <= modes
     assert ("decode_camera_message", "woken") in modes
     assert all(float(row[2]) > 0 for row in rows)
