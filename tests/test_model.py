@@ -179,6 +179,8 @@ def test_memory_per_shape_judges_a_frame_by_the_statistics_of_its_own_shape() ->
     alone = torch.cat([memory.distance(batch[i : i + 1], a)
                        for i, a in enumerate([wide, narrow, wide])])
     torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
+    empty = torch.zeros(0, dtype=torch.float64)
+    assert memory.distance(feats[:0], empty).shape == (0, 1, 2, 2)
     with pytest.raises(ValueError, match="aspects"):
         memory.distance(along)
 
