@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from linewatch.metrics import aupro, auroc, classify_at, pixel_auroc, pr_auc
 from linewatch.metrics.thresholds import ThresholdRule, f1_max_threshold
 from linewatch.model.acceleration import backend_of, load_served_scorer
 from linewatch.model.scorer import Scorer
-from linewatch.report import ReportImage, write_report
+from linewatch.report import ReportImage, write_report, write_text_atomic
 from linewatch.visualize import encode_png, heatmap_overlay
 
 __all__ = ["EvalResult", "evaluate", "evaluate_scorer", "write_scores"]
@@ -93,7 +92,7 @@ class _Collected(BaseModel):
     scores: np.ndarray
     maps: list[np.ndarray]
     masks: list[np.ndarray]
-    exposure: list[tuple[float, float]]  # (clipped share, bright level) of each scored frame
+    exposure: list[tuple[float, float]]  # (clipped share, bright level) per frame, if measured
     timings: dict[str, float]
     timed_images: int
 
@@ -105,6 +104,7 @@ def _score_split(
     corrupt: str | None,
     seed: int,
     progress: bool,
+    measure_exposure: bool = False,
 ) -> _Collected:
     corruption = parse_corruption(corrupt) if corrupt else None
     rng = np.random.default_rng(seed)
@@ -123,7 +123,8 @@ def _score_split(
                 masks.append(mask if mask is not None else np.zeros(f.shape[:2], bool))
             if corruption is not None:
                 frames = [apply_corruption(f, corruption, rng) for f in frames]
-            exposure += [(clipped_share(f), bright_level(f)) for f in frames]
+            if measure_exposure:  # only the per-image CSV reports it
+                exposure += [(clipped_share(f), bright_level(f)) for f in frames]
             # The first batch pays for lazy initialisation (allocator, kernels): not timed.
             stage = timings if start > 0 or len(samples) <= batch else None
             result = scorer.score_batch(frames, stage)
@@ -194,7 +195,7 @@ def evaluate_scorer(
     labels = np.array([int(s.is_defect) for s in samples])
     if labels.all() or not labels.any():
         raise DataError(f"{dataset.root / split}: evaluation needs good and defective images")
-    got = _score_split(scorer, samples, batch, corrupt, seed, progress)
+    got = _score_split(scorer, samples, batch, corrupt, seed, progress, scores_csv is not None)
     pix_auroc, pro = _pixel_metrics(got.masks, got.maps)
     threshold = scorer.threshold(rule) if scorer.thresholds is not None else None
     report = classify_at(labels, got.scores, threshold) if threshold is not None else None
@@ -298,18 +299,11 @@ def write_scores(
         alarm = "" if threshold is None else int(float(score) >= threshold)
         rows.writerow([sample.path.relative_to(root).as_posix(), sample.label,
                        f"{float(score):.6g}", alarm, f"{clipped:.4f}", f"{bright:.4f}"])
-    _write_atomic(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    _write_atomic(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
 
 
 def _write_report(

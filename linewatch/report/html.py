@@ -80,8 +80,8 @@ def write_report(
     n_good, n_defect = int(np.count_nonzero(~y)), int(np.count_nonzero(y))
     page = _page(title, payload["results"], curves, n_good, n_defect, overlays)
     paths = ReportPaths(json=out / "results.json", html=out / "index.html")
-    _write_atomic(paths.json, json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    _write_atomic(paths.html, page)
+    write_text_atomic(paths.json, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(paths.html, page)
     return paths
 
 
@@ -132,7 +132,7 @@ def _jsonable(value: Any, where: str) -> Any:
     raise DataError(f"{where}: a {type(value).__name__} cannot be written to results.json")
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write through a temporary file, so readers never see half a report."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
