@@ -107,7 +107,17 @@ def test_full_batch_time_is_extrapolated_when_no_batch_filled() -> None:
     assert (run.full_batch_ms, run.full_batch_source) == (80.0, "extrapolated")
 
 
-def test_written_time_comes_from_the_entry_id_and_never_precedes_the_decision(
+def test_written_time_is_the_microsecond_stamp_of_redis(
+    redis_client: redis.Redis, line_name: str
+) -> None:
+    key = StreamKeys(line_name).verdicts
+    fields = _verdict(0, 1000, (1001, 1002, 1), 1003).to_fields()
+    redis_client.xadd(key, fields | {"ts_written_us": "1003250"}, id="1003-0")  # type: ignore[arg-type]
+    (written,) = read_written(redis_client, line_name)
+    assert written.written_ns == 1_003_250_000  # not the entry id's whole ms (1003)
+
+
+def test_older_entries_take_the_entry_id_and_never_precede_the_decision(
     redis_client: redis.Redis, line_name: str
 ) -> None:
     key = StreamKeys(line_name).verdicts

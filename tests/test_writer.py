@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
@@ -22,6 +24,7 @@ from linewatch.streams.writer import StreamWriter
 from linewatch.testing import frame_header, read_records, sample_batch
 
 PNG = b"\x89PNG\r\n\x1a\n-test-"
+R = TypeVar("R", VerdictRecord, DefectRecord, RejectRecord)
 
 
 def _writer(
@@ -30,6 +33,27 @@ def _writer(
     cfg = RedisConfig(spool_dir=tmp_path / "spool", **redis_cfg)
     decision = DecisionConfig(heatmaps=heatmaps, heatmap_dir=tmp_path / "heat")
     return StreamWriter(client, line, cfg, decision)
+
+
+def _unstamped(records: list[R]) -> list[R]:
+    """``records`` without the write time that Redis stamped on them."""
+    return [r.model_copy(update={"ts_written_us": None}) for r in records]
+
+
+def test_every_entry_of_a_frame_carries_when_redis_wrote_it(
+    redis_client: redis.Redis, line_name: str, tmp_path: Path
+) -> None:
+    writer = _writer(redis_client, line_name, tmp_path)
+    batch = sample_batch("cam0", 4, n_defects=2)
+    assert all(r.ts_written_us is None for r in (batch.verdict, batch.reject, *batch.defects))
+    before_us = time.time_ns() // 1000
+    assert writer.write_verdicts([batch]) == [True]
+    after_us = time.time_ns() // 1000 + 1  # Redis and this process read the same clock
+    stamps = {r.ts_written_us for kind in (VerdictRecord, DefectRecord, RejectRecord)
+              for r in read_records(redis_client, line_name, kind)}
+    assert len(stamps) == 1  # one script, one instant for the frame's records
+    stamp = stamps.pop()
+    assert stamp is not None and before_us <= stamp <= after_us
 
 
 def test_a_frame_is_written_once_however_often_it_is_sent(
@@ -43,8 +67,8 @@ def test_a_frame_is_written_once_however_often_it_is_sent(
     again = _writer(redis_client, line_name, tmp_path)  # e.g. a restarted service
     assert again.write_verdict(batch.verdict, batch.defects, batch.reject) is False
 
-    assert read_records(redis_client, line_name, VerdictRecord) == [batch.verdict]
-    assert read_records(redis_client, line_name, RejectRecord) == [batch.reject]
+    assert _unstamped(read_records(redis_client, line_name, VerdictRecord)) == [batch.verdict]
+    assert _unstamped(read_records(redis_client, line_name, RejectRecord)) == [batch.reject]
     assert len(read_records(redis_client, line_name, DefectRecord)) == 2
     assert writer.counters.written == 1 and writer.counters.duplicates == 1
     done = StreamKeys(line_name).done("cam0:1")
@@ -91,7 +115,7 @@ def test_a_pass_verdict_writes_no_reject(
     writer = _writer(redis_client, line_name, tmp_path)
     batch = sample_batch("cam0", 2, reject=False, n_defects=0)
     assert writer.write_verdict(batch.verdict)
-    assert read_records(redis_client, line_name, VerdictRecord) == [batch.verdict]
+    assert _unstamped(read_records(redis_client, line_name, VerdictRecord)) == [batch.verdict]
     assert read_records(redis_client, line_name, RejectRecord) == []
 
 

@@ -3,10 +3,12 @@ Redis) at a set frame rate, with the model and with the bare backbone in its pla
 
 Definitions (per frame, over the steady part of a run):
 
-- **written time**: when the frame's verdict entry was added to the verdicts stream, read
-  from the entry's id (the Redis server's clock, millisecond resolution; never taken as
-  earlier than ``ts_decided_ns``). A reject record is written by the same Lua script as
-  its verdict, so for rejected parts this is also when the reject gate can see it.
+- **written time**: when the frame's verdict entry was added to the verdicts stream: the
+  entry's ``ts_written_us`` (the Redis server's clock in microseconds, stamped by the
+  writer's script). Entries without it (older writers) fall back to the entry id's
+  millisecond, never taken as earlier than ``ts_decided_ns``; that floor made the written
+  time up to 1 ms early. A reject record is written by the same Lua script as its verdict,
+  so for rejected parts this is also when the reject gate can see it.
 - **latency** = written time - ``ts_acquired_ns`` (the camera's read, before any copy).
 - **model time** = ``ts_infer_end_ns - ts_infer_start_ns`` of the batch the frame was
   scored in: a frame waits for its whole batch, so the whole batch's time is its model time.
@@ -204,7 +206,10 @@ def read_written(client: redis.Redis, line: str) -> list[WrittenVerdict]:
     out = []
     for entry_id, fields in entries:
         verdict = VerdictRecord.from_fields(fields)
-        written = max(entry_time_ns(entry_id), verdict.ts_decided_ns)  # ms id is floored
+        if verdict.ts_written_us is not None:
+            written = verdict.ts_written_us * 1000
+        else:  # an older writer's entry: the ms id is floored
+            written = max(entry_time_ns(entry_id), verdict.ts_decided_ns)
         out.append(WrittenVerdict(verdict=verdict, written_ns=written))
     return out
 

@@ -31,6 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 STREAM_KINDS = ("verdicts", "defects", "rejects", "alarms")
 
+# Fields the frame script of the stream writer sets in Redis itself, not sent by the writer.
+REDIS_STAMPED = frozenset({"ts_written_us"})
+
 # Reasons a verdict is given. ``ok``/``anomaly`` come from a scored frame; the rest
 # are fail-safe rejects. A FrameFailed notice may carry another reason (e.g. a
 # worker's ``bad_pixels``), which is written as sent.
@@ -104,8 +107,10 @@ class StreamRecord(BaseModel):
     """The stream (``linewatch:<line>:<stream>``) records of this class go to."""
 
     def to_fields(self) -> dict[str, str]:
-        """The record as stream entry fields, in declaration order."""
-        return {name: encode_value(getattr(self, name)) for name in type(self).model_fields}
+        """The record as stream entry fields, in declaration order; fields that Redis
+        stamps itself (:data:`REDIS_STAMPED`) are left for the writer's script to add."""
+        return {name: encode_value(getattr(self, name)) for name in type(self).model_fields
+                if name not in REDIS_STAMPED}
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, str] | Mapping[bytes, bytes]) -> Self:
@@ -123,6 +128,10 @@ class StreamRecord(BaseModel):
 # --------------------------------------------------------------------------- records
 
 _FRAME_ID = "frame id `<camera>:<seq>`, unique on the line"
+_WRITTEN_US = (
+    "when Redis added the entry, us since epoch (the Redis server's clock, stamped by the "
+    "writer's script); empty in entries of older writers"
+)
 _PART_ID = "part id from acquisition; empty for a missed frame (never acquired)"
 
 
@@ -160,6 +169,7 @@ class VerdictRecord(StreamRecord):
         None, description="when the worker finished scoring the frame's batch, ns since epoch"
     )
     batch_size: int | None = Field(None, description="frames in the batch the frame was scored in")
+    ts_written_us: int | None = Field(None, description=_WRITTEN_US)
 
 
 class DefectRecord(StreamRecord):
@@ -185,6 +195,7 @@ class DefectRecord(StreamRecord):
     )
     model_id: str = Field(description="id of the model that scored the frame")
     ts_decided_ns: int = Field(description="decision time, ns since epoch")
+    ts_written_us: int | None = Field(None, description=_WRITTEN_US)
 
 
 class RejectRecord(StreamRecord):
@@ -199,6 +210,7 @@ class RejectRecord(StreamRecord):
     reason: str = Field(description="the verdict's reason")
     deadline_ns: int = Field(description="time the verdict was due, ns since epoch")
     ts_decided_ns: int = Field(description="decision time, ns since epoch")
+    ts_written_us: int | None = Field(None, description=_WRITTEN_US)
 
 
 class AlarmRecord(StreamRecord):

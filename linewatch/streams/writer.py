@@ -47,18 +47,25 @@ log = get_logger("stream_writer")
 #       verdict, the defect count and each defect, the reject count (0/1) and the reject,
 #       each record as <n fields> k1 v1 ... kn vn; then one PNG per heatmap key.
 # The done key is set last, holding the verdict's entry id. Redis runs the script
-# atomically, so no other client sees a frame half written.
+# atomically, so no other client sees a frame half written. Every entry gets
+# ts_written_us from the server's clock: the entry id's ms part is too coarse to time a
+# line whose whole overhead is a few ms. (TIME before writes needs effects replication,
+# the default since Redis 5.)
 _WRITE_FRAME_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HDEL', KEYS[5], ARGV[6])
   return false
 end
+local now = redis.call('TIME')
+local written_us = now[1] .. string.format('%06d', tonumber(now[2]))
 local i = 7
 local function take()
   local n = tonumber(ARGV[i])
   local fields = {}
   for j = 1, 2 * n do fields[j] = ARGV[i + j] end
   i = i + 2 * n + 1
+  fields[2 * n + 1] = 'ts_written_us'
+  fields[2 * n + 2] = written_us
   return fields
 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(take()))
