@@ -9,7 +9,8 @@ not depend on the trained networks, so its alternatives can be compared without 
 the frames take the model's own pre-processing, the frozen backbone runs once per image for
 every level any variant names, and each variant fits its Gaussian on ``train`` plus
 ``--copies`` exposure-jittered copies of it (as training does; ``--seed`` draws them), is
-calibrated on ``val`` the way ``linewatch calibrate`` does and scored on ``test``, clean and
+calibrated on ``val`` the way ``linewatch calibrate`` does (with the same exposure-jittered
+copies of val in the operating point's precision) and scored on ``test``, clean and
 under each ``--corrupt`` (seed 0, as ``linewatch evaluate``). A variant is a list of levels
 (``s4``, ``s8``, ``s16a``, ``s16``, ``s32``), each pooled into the memory's cells by its mean;
 ``s4:max`` pools by the maximum, ``s4:std`` adds the within-cell spread as channels.
@@ -41,7 +42,12 @@ from linewatch.metrics.ranking import auroc
 from linewatch.model.acceleration import load_served_scorer
 from linewatch.model.aspect import memory_groups
 from linewatch.model.backbone import FeatureExtractor
-from linewatch.model.calibrate import TermMaps, calibrate_maps, joint_scores
+from linewatch.model.calibrate import (
+    EXPOSURE_COPIES_SEED,
+    TermMaps,
+    calibrate_maps,
+    joint_scores,
+)
 from linewatch.model.mdaae import NormalMemory, resize_to
 from linewatch.model.preprocess import jitter_exposure
 from linewatch.model.scorer import Region, Scorer, model_input
@@ -162,8 +168,17 @@ def evaluate_variant(scorer: Scorer, sets: dict[str, ImageSet], variant: Variant
     memory.fit_gaussian_per_shape([(feats[name], sets[name].aspects) for name in fit_on],
                                   scorer.settings.gauss_eps, groups)
     val = sets["val"]
+    copies = [name for name in sets if name.startswith("jitter-val")]
+
+    def drift() -> tuple[np.ndarray, np.ndarray] | None:
+        if not copies:
+            return None
+        scores = [joint_scores(scorer, _maps(scorer, memory, feats[n], sets[n]),
+                               scorer.model.weights) for n in copies]
+        return np.concatenate([sets[n].labels for n in copies]), np.concatenate(scores)
+
     norm, thresholds, _, val_auroc, _ = calibrate_maps(
-        scorer, _maps(scorer, memory, feats["val"], val), val.labels)
+        scorer, _maps(scorer, memory, feats["val"], val), val.labels, drift=drift)
     scorer.model.norm = norm
     scorer.refresh()
     weights = scorer.model.weights
@@ -209,6 +224,11 @@ def main() -> None:
     for copy in range(args.copies):
         jittered = jitter_exposure(train, rng, scorer.settings.memory_exposure)
         frames[f"jitter{copy}"] = (jittered, none)
+    val_rng = np.random.default_rng(EXPOSURE_COPIES_SEED)
+    drift_cfg = scorer.settings.calibration_exposure
+    for copy in range(drift_cfg.copies):  # as calibrate draws them: one seed, copy after copy
+        frames[f"jitter-val{copy}"] = (jitter_exposure(frames["val"][0], val_rng, drift_cfg),
+                                       frames["val"][1])
     for kind in args.corrupt:
         corruption, crng = parse_corruption(kind), np.random.default_rng(0)
         test, labels = frames["test"]

@@ -73,6 +73,7 @@ def test_calibrate_then_evaluate_writes_json_and_report(
     printed = capsys.readouterr().out
     assert "thresholds operating_point" in printed
     assert "one group of frame shapes" in printed  # one frame size: no aspect groups
+    assert "over val and 2 exposure-jittered copies of it" in printed
     out_json, report, scores = tmp_path / "out.json", tmp_path / "report", tmp_path / "s.csv"
     code = main(
         [

@@ -96,6 +96,41 @@ def test_operating_point_equals_brute_force(seed: int, min_recall: float) -> Non
     assert classify_at(labels, scores, found).recall >= min_recall
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("min_recall", [0.5, 0.9])
+def test_drift_counts_in_the_operating_points_precision_not_in_its_recall(
+    seed: int, min_recall: float
+) -> None:
+    labels, scores = _random_set(seed)
+    drift_labels, drift_scores = _random_set(seed + 100)
+    best: tuple[float, float, float] | None = None
+    for t in sorted(set(scores.tolist()) | set(drift_scores.tolist())):
+        own = classify_at(labels, scores, t)
+        if own.recall < min_recall:
+            continue
+        drifted = classify_at(drift_labels, drift_scores, t)
+        tp, fp = own.tp + drifted.tp, own.fp + drifted.fp
+        key = (tp / (tp + fp) if tp + fp else 0.0, own.recall, t)
+        best = key if best is None or key > best else best
+    assert best is not None
+    found = operating_point_threshold(labels, scores, min_recall, (drift_labels, drift_scores))
+    assert found == best[2]
+    assert classify_at(labels, scores, found).recall >= min_recall
+
+
+def test_drift_in_a_gap_of_the_set_moves_the_operating_point_up() -> None:
+    # The set alone puts the threshold at the bottom of a gap between good images (0.2 and
+    # 0.9): at 0.3 its precision is highest. A drifted good image at 0.35 sits in that gap.
+    labels, scores = [0, 1, 1, 1, 1, 0], [0.2, 0.3, 0.4, 0.5, 0.6, 0.9]
+    assert operating_point_threshold(labels, scores, 0.5) == 0.3
+    assert operating_point_threshold(labels, scores, 0.5, ([0], [0.35])) == 0.4
+    fitted = fit_thresholds(labels, scores, 0.5, drift=([0], [0.35]))
+    plain = fit_thresholds(labels, scores, 0.5)
+    assert fitted.operating_point == 0.4 != plain.operating_point
+    assert (fitted.f1_max, fitted.youden) == (plain.f1_max, plain.youden)
+    assert (fitted.n_good, fitted.n_defect) == (2, 4)  # the set itself, not its drifted copies
+
+
 def test_operating_point_prefers_higher_recall_then_higher_threshold() -> None:
     # Thresholds 0.2 and 0.4 both give precision 1.0; 0.2 has the higher recall.
     labels = [0, 1, 1, 1, 1]

@@ -165,7 +165,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         f"{args.model}: val AUROC {report.val_auroc:.4f} ({report.n_good} good, "
         f"{report.n_defect} defective); per term {terms}; weights {weights}; {shapes}; "
         f"thresholds operating_point {t.operating_point:.4f} f1_max {t.f1_max:.4f} "
-        f"youden {t.youden:.4f} (version {t.version})"
+        f"youden {t.youden:.4f} (version {t.version}); the operating point's precision "
+        f"over val and {report.exposure_copies} exposure-jittered copies of it"
     )
     return 0
 

@@ -70,22 +70,40 @@ def youden_threshold(labels: ArrayLike, scores: ArrayLike) -> float:
 
 
 def operating_point_threshold(
-    labels: ArrayLike, scores: ArrayLike, min_recall: float = 0.9
+    labels: ArrayLike,
+    scores: ArrayLike,
+    min_recall: float = 0.9,
+    drift: tuple[ArrayLike, ArrayLike] | None = None,
 ) -> float:
     """The highest-precision distinct score whose recall is at least ``min_recall``.
 
+    ``drift`` (labels, scores) adds images seen under other conditions (e.g. exposure-
+    jittered copies of the same set): they count in the precision, so a threshold that only
+    looks clean because the set is small and clean pays for the false alarms drift brings,
+    and their scores are candidates too. The recall stays that of ``labels``/``scores``.
     Ties in precision go to the higher recall, then to the higher threshold.
     The lowest score always qualifies (recall 1), so a threshold always exists.
 
     >>> operating_point_threshold([0, 1, 0, 1, 1], [0.1, 0.2, 0.3, 0.4, 0.5], min_recall=0.6)
+    0.4
+    >>> good_defects = ([0, 1, 1, 1, 1, 0], [0.2, 0.3, 0.4, 0.5, 0.6, 0.9])
+    >>> operating_point_threshold(*good_defects, min_recall=0.5)
+    0.3
+    >>> operating_point_threshold(*good_defects, min_recall=0.5, drift=([0], [0.35]))
     0.4
     """
     if not 0.0 < min_recall <= 1.0:
         raise MetricInputError(f"min_recall must be in (0, 1], got {min_recall}")
     y, s = _binary_inputs(labels, scores)
     thresholds = np.unique(s)
+    if drift is not None:
+        dy, ds = _binary_inputs(*drift, both_classes=False)
+        thresholds = np.unique(np.concatenate([thresholds, ds]))
     tp, fp, _, fn = _confusion_counts(y, s, thresholds)
     recall = _ratio(tp, tp + fn)
+    if drift is not None:
+        dtp, dfp, _, _ = _confusion_counts(dy, ds, thresholds)
+        tp, fp = tp + dtp, fp + dfp
     ok = recall >= min_recall
     return _best(_ratio(tp, tp + fp)[ok], recall[ok], thresholds[ok])
 
@@ -150,8 +168,15 @@ class ThresholdSet(BaseModel):
         return value
 
 
-def fit_thresholds(labels: ArrayLike, scores: ArrayLike, min_recall: float = 0.9) -> ThresholdSet:
-    """Fit all three rules on one validation set.
+def fit_thresholds(
+    labels: ArrayLike,
+    scores: ArrayLike,
+    min_recall: float = 0.9,
+    drift: tuple[ArrayLike, ArrayLike] | None = None,
+) -> ThresholdSet:
+    """Fit all three rules on one validation set; ``drift`` (labels, scores of the same
+    images under other conditions) joins the operating point's precision only
+    (:func:`operating_point_threshold`). ``n_good`` and ``n_defect`` count the set itself.
 
     >>> ts = fit_thresholds([0, 0, 0, 1, 1], [0.0, 1.0, 2.0, 8.0, 10.0])
     >>> ts.operating_point, ts.youden, ts.n_good, ts.n_defect
@@ -159,7 +184,7 @@ def fit_thresholds(labels: ArrayLike, scores: ArrayLike, min_recall: float = 0.9
     """
     y, s = _binary_inputs(labels, scores)
     return ThresholdSet(
-        operating_point=operating_point_threshold(y, s, min_recall),
+        operating_point=operating_point_threshold(y, s, min_recall, drift),
         f1_max=f1_max_threshold(y, s),
         youden=youden_threshold(y, s),
         min_recall=min_recall,

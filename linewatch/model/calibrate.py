@@ -10,6 +10,10 @@ One pass of the networks over ``val`` gives every term's map for every image; th
    image AUROC, conservative about weak terms and small gains (see :func:`search_weights`);
 3. the three threshold rules (method.md §4) on all ``val`` images in those normalised units;
    the fixed operating point (highest precision at recall >= 0.90) is the line's default.
+   Its precision also counts ``calibration_exposure.copies`` exposure-jittered copies of
+   each val image (their recall does not count): a small clean val set leaves gaps between
+   its good images' scores, and the rule would otherwise put the threshold at the bottom
+   of such a gap, just above a good image, where a drifting exposure finds false alarms.
 
 All three are stored in the model file's metadata; the weights of the networks are not
 touched.
@@ -18,13 +22,13 @@ touched.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from tqdm import tqdm
 
@@ -38,11 +42,13 @@ from linewatch.model.acceleration import load_served_scorer
 from linewatch.model.aspect import split_aspects
 from linewatch.model.joint import Normalisation, ShapeGroups, TermNorm
 from linewatch.model.modelfile import update_model_meta
+from linewatch.model.preprocess import jitter_exposure
 from linewatch.model.scorer import Prepared, Region, Scorer, crop_reduce, shape_standardised
 from linewatch.model.settings import ScoreWeights
 
 __all__ = [
     "AUROC_TOLERANCE",
+    "EXPOSURE_COPIES_SEED",
     "TERM_FLOOR",
     "WEIGHT_GRID",
     "CalibrationReport",
@@ -50,6 +56,7 @@ __all__ = [
     "calibrate",
     "calibrate_scorer",
     "collect_term_maps",
+    "exposure_drift_scores",
     "fit_normalisation",
     "search_weights",
 ]
@@ -67,6 +74,8 @@ TERM_FLOOR = 0.75
 # Combinations this close to the best val AUROC count as equal; the simplest one wins.
 AUROC_TOLERANCE = 0.005
 _CHUNK = 64
+# Seed of the exposure-jittered val copies: fixed, so a calibration can be repeated exactly.
+EXPOSURE_COPIES_SEED = 20261129
 
 
 class CalibrationReport(BaseModel):
@@ -82,6 +91,9 @@ class CalibrationReport(BaseModel):
     term_auroc: dict[str, float]
     n_good: int
     n_defect: int
+    exposure_copies: int = Field(
+        description="exposure-jittered copies of each val image in the operating point's precision"
+    )
 
 
 @dataclass
@@ -197,20 +209,60 @@ def search_weights(
 
 
 def image_batches(
-    scorer: Scorer, samples: Sequence[Sample], batch: int, progress: bool, desc: str
+    scorer: Scorer,
+    samples: Sequence[Sample],
+    batch: int,
+    progress: bool,
+    desc: str,
+    alter: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
 ) -> Iterator[Prepared]:
-    """Read, pre-process and run the backbone on ``samples``, ``batch`` images at a time."""
+    """Read, pre-process and run the backbone on ``samples``, ``batch`` images at a time;
+    ``alter`` (if given) changes each chunk of images first (e.g. jitters their exposure)."""
     with tqdm(total=len(samples), desc=desc, disable=not progress, unit="img") as bar:
         for start in range(0, len(samples), batch):
             chunk = samples[start : start + batch]
-            yield scorer.prepare([read_image(s.path) for s in chunk])
+            images = [read_image(s.path) for s in chunk]
+            yield scorer.prepare(alter(images) if alter is not None else images)
             bar.update(len(chunk))
 
 
+def exposure_drift_scores(
+    scorer: Scorer, samples: Sequence[Sample], labels: np.ndarray, batch: int, progress: bool
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Labels and joint scores of ``settings.calibration_exposure.copies`` exposure-jittered
+    copies of ``samples``, under the scorer's normalisation in force; None with 0 copies.
+
+    The draws come from a fixed seed, so calibrating a model twice gives the same thresholds.
+    One copy's maps are held at a time.
+    """
+    cfg = scorer.settings.calibration_exposure
+    if cfg.copies == 0:
+        return None
+    weights = scorer.model.norm.weights
+    if weights is None:
+        raise DataError("exposure drift scores need a calibrated normalisation")
+    rng = np.random.default_rng(EXPOSURE_COPIES_SEED)
+    scores = []
+    for copy in range(cfg.copies):
+        batches = image_batches(scorer, samples, batch, progress, f"exposure copy {copy + 1}",
+                                alter=lambda images: jitter_exposure(images, rng, cfg))
+        scores.append(joint_scores(scorer, collect_term_maps(scorer, batches), weights))
+    return np.tile(labels, cfg.copies), np.concatenate(scores)
+
+
 def calibrate_maps(
-    scorer: Scorer, maps: TermMaps, labels: np.ndarray, min_recall: float = 0.9
+    scorer: Scorer,
+    maps: TermMaps,
+    labels: np.ndarray,
+    min_recall: float = 0.9,
+    drift: Callable[[], tuple[np.ndarray, np.ndarray] | None] | None = None,
 ) -> tuple[Normalisation, ThresholdSet, dict[str, float], float, float]:
-    """Normalisation, weights and thresholds from the term maps of a labelled val set."""
+    """Normalisation, weights and thresholds from the term maps of a labelled val set.
+
+    ``drift`` gives labels and scores of the same images under other conditions once the
+    scorer holds the fitted normalisation (:func:`exposure_drift_scores`); they join the
+    operating point's precision.
+    """
     good = labels == 0
     norm = _normalisation_from(scorer, maps.select(good), source="val/good")
     scorer.model.norm = norm
@@ -229,7 +281,8 @@ def calibrate_maps(
         scorer.model.norm = norm
         scores = joint_scores(scorer, maps, weights)
         val_auroc, val_pr_auc = auroc(labels, scores), pr_auc(labels, scores)
-    thresholds = fit_thresholds(labels, scores, min_recall=min_recall)
+    thresholds = fit_thresholds(labels, scores, min_recall=min_recall,
+                                drift=drift() if drift is not None else None)
     return norm, thresholds, term_auroc, val_auroc, val_pr_auc
 
 
@@ -283,7 +336,8 @@ def calibrate_scorer(
     scorer = load_served_scorer(path, device)
     maps = collect_term_maps(scorer, image_batches(scorer, samples, batch, progress, "calibrate"))
     norm, thresholds, term_auroc, val_auroc, val_pr_auc = calibrate_maps(
-        scorer, maps, labels, min_recall
+        scorer, maps, labels, min_recall,
+        drift=lambda: exposure_drift_scores(scorer, samples, labels, batch, progress),
     )
     update_model_meta(
         path,
@@ -299,6 +353,7 @@ def calibrate_scorer(
         term_auroc=term_auroc,
         n_good=int((labels == 0).sum()),
         n_defect=int(labels.sum()),
+        exposure_copies=scorer.settings.calibration_exposure.copies,
     )
     log.info(
         "calibrated",
@@ -307,6 +362,7 @@ def calibrate_scorer(
         weights=norm.weights.model_dump() if norm.weights else None,
         term_auroc={t: round(v, 4) for t, v in term_auroc.items()},
         operating_point=round(thresholds.operating_point, 4),
+        exposure_copies=report.exposure_copies,
         version=thresholds.version,
     )
     return report

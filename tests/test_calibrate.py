@@ -1,0 +1,56 @@
+"""Calibration's exposure-jittered copies of val, on a small trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from linewatch.data.images import read_image
+from linewatch.data.mvtec import MVTecDataset
+from linewatch.model.calibrate import (
+    calibrate_maps,
+    collect_term_maps,
+    exposure_drift_scores,
+    image_batches,
+)
+from linewatch.model.preprocess import ExposureJitter
+from linewatch.model.scorer import Scorer
+
+
+def test_exposure_copies_of_val_are_scored_the_same_way_every_time(
+    tiny_line_model: tuple[Path, Path],
+) -> None:
+    data, model = tiny_line_model
+    scorer = Scorer.load(model, device="cpu")
+    samples = MVTecDataset(data).validate("val")
+    labels = np.array([int(s.is_defect) for s in samples])
+    first = exposure_drift_scores(scorer, samples, labels, batch=4, progress=False)
+    again = exposure_drift_scores(scorer, samples, labels, batch=3, progress=False)
+    assert first is not None and again is not None
+    copies = scorer.settings.calibration_exposure.copies
+    assert copies == 2 and first[0].tolist() == labels.tolist() * copies
+    np.testing.assert_allclose(first[1], again[1], atol=1e-4)  # fixed draws, any batch size
+    clean = scorer.score_batch([read_image(s.path) for s in samples]).scores
+    assert np.abs(first[1][: len(samples)] - clean).max() > 1e-3  # jittered, not the originals
+
+    scorer.settings = scorer.settings.model_copy(
+        update={"calibration_exposure": ExposureJitter(copies=0)}
+    )
+    assert exposure_drift_scores(scorer, samples, labels, batch=4, progress=False) is None
+
+
+def test_drifted_good_images_just_above_the_operating_point_push_it_up(
+    tiny_line_model: tuple[Path, Path],
+) -> None:
+    data, model = tiny_line_model
+    scorer = Scorer.load(model, device="cpu")
+    samples = MVTecDataset(data).validate("val")
+    labels = np.array([int(s.is_defect) for s in samples])
+    maps = collect_term_maps(scorer, image_batches(scorer, samples, 4, False, "val"))
+    _, plain, *_ = calibrate_maps(scorer, maps, labels, min_recall=0.5)
+    crowd = np.full(50, plain.operating_point + 1e-6)  # 50 drifted goods, each an alarm
+    _, drifted, *_ = calibrate_maps(scorer, maps, labels, min_recall=0.5,
+                                    drift=lambda: (np.zeros(50, int), crowd))
+    assert drifted.operating_point > plain.operating_point
+    assert (drifted.f1_max, drifted.youden) == (plain.f1_max, plain.youden)
