@@ -45,12 +45,16 @@ def test_every_entry_of_a_frame_carries_when_redis_wrote_it(
 ) -> None:
     writer = _writer(redis_client, line_name, tmp_path)
     batch = sample_batch("cam0", 4, n_defects=2)
-    assert all(r.ts_written_us is None for r in (batch.verdict, batch.reject, *batch.defects))
+    assert batch.reject is not None
+    sent: list[VerdictRecord | RejectRecord | DefectRecord] = [
+        batch.verdict, batch.reject, *batch.defects]
+    assert all(r.ts_written_us is None for r in sent)
     before_us = time.time_ns() // 1000
     assert writer.write_verdicts([batch]) == [True]
     after_us = time.time_ns() // 1000 + 1  # Redis and this process read the same clock
-    stamps = {r.ts_written_us for kind in (VerdictRecord, DefectRecord, RejectRecord)
-              for r in read_records(redis_client, line_name, kind)}
+    stamps = {r.ts_written_us for r in read_records(redis_client, line_name, VerdictRecord)}
+    stamps |= {r.ts_written_us for r in read_records(redis_client, line_name, DefectRecord)}
+    stamps |= {r.ts_written_us for r in read_records(redis_client, line_name, RejectRecord)}
     assert len(stamps) == 1  # one script, one instant for the frame's records
     stamp = stamps.pop()
     assert stamp is not None and before_us <= stamp <= after_us
