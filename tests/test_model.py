@@ -9,7 +9,7 @@ import torch
 from linewatch.errors import ConfigError
 from linewatch.model.aspect import memory_groups
 from linewatch.model.joint import JointModel, gaussian_blur, reduce_map
-from linewatch.model.mdaae import NormalMemory, build_memory_bank
+from linewatch.model.mdaae import NormalMemory, build_memory_bank, unpack_symmetric
 from linewatch.model.sagan import SelfAttention, attention_mask
 from linewatch.model.scorer import Prepared, Region
 from linewatch.model.settings import TERMS, ModelSettings, TrainSettings, variant_settings
@@ -207,6 +207,21 @@ def test_a_memory_written_before_shape_groups_loads_as_one_group() -> None:
     loaded.load_state_dict(old, strict=True)
     assert loaded.groups == 1
     torch.testing.assert_close(loaded.distance(feats[:4]), memory.distance(feats[:4]))
+
+
+def test_a_packed_precision_loads_back_exactly() -> None:
+    feats, aspects = _two_shape_features(300, seed=2)
+    memory = NormalMemory("gaussian", 2)
+    memory.fit_gaussian_per_shape([(feats, aspects)], 1e-3, memory_groups(aspects, 2, 0.1))
+    stored = dict(memory.state_dict())
+    NormalMemory.pack_for_file(stored, "")
+    assert "precision" not in stored and stored["precision_packed"].shape[-1] == 3  # 2 x 2
+    loaded = NormalMemory("gaussian", 2)
+    loaded.take_shapes(stored, "")
+    loaded.load_state_dict(stored, strict=True)
+    assert torch.equal(loaded.precision, memory.precision)
+    with pytest.raises(ValueError, match="not the upper triangle"):
+        unpack_symmetric(torch.zeros(4))
 
 
 def test_training_fits_one_memory_per_shape_and_scoring_needs_the_frames_aspects() -> None:

@@ -85,7 +85,7 @@ def test_round_trip_keeps_every_tensor_and_field(model_path: Path) -> None:
 
 def test_metadata_is_plain_json_strings_under_the_documented_keys(model_path: Path) -> None:
     raw = _raw_metadata(model_path)
-    assert raw["format"] == "linewatch-model" and raw["format_version"] == "1"
+    assert raw["format"] == "linewatch-model" and raw["format_version"] == "2"
     assert set(raw) == {
         "format",
         "format_version",
@@ -125,12 +125,12 @@ def test_edited_metadata_is_found(model_path: Path) -> None:
 
 
 def test_another_format_version_is_refused_with_both_versions_named(model_path: Path) -> None:
-    _rewrite_metadata(model_path, format_version="2")
+    _rewrite_metadata(model_path, format_version="3")
     for read in (read_model_meta, load_model_file):
         with pytest.raises(ModelFileError) as err:
             read(model_path)
         assert str(err.value) == (
-            f"{model_path}: made by linewatch model format 2, this linewatch reads 1"
+            f"{model_path}: made by linewatch model format 3, this linewatch reads 1 and 2"
         )
 
 

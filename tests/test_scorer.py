@@ -14,9 +14,15 @@ from linewatch.data.mvtec import MVTecDataset
 from linewatch.data.synth import write_dataset
 from linewatch.errors import ModelFileError
 from linewatch.metrics import auroc
+from linewatch.model import modelfile
 from linewatch.model.calibrate import fit_shape_groups
 from linewatch.model.joint import ShapeGroups
-from linewatch.model.modelfile import read_model_meta, save_model_file, update_model_meta
+from linewatch.model.modelfile import (
+    load_model_file,
+    read_model_meta,
+    save_model_file,
+    update_model_meta,
+)
 from linewatch.model.scorer import (
     BackboneOnlyScorer,
     Scorer,
@@ -275,3 +281,22 @@ def test_fewer_shape_groups_when_val_has_too_few_good_images_per_group() -> None
     assert fit_shape_groups(scores[:30], aspects[:30], 3) is None  # 30 images: one group
     assert fit_shape_groups(scores, aspects, 1) is None  # asked for one group: off
     assert fit_shape_groups(scores, np.ones(75), 3) is None  # one shape: one group
+
+
+def test_a_model_file_keeps_half_of_each_precision_and_scores_as_a_format_1_file(
+    trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, packed_file = trained
+    scorer = Scorer.load(packed_file, device="cpu")
+    tensors, _ = load_model_file(packed_file)
+    assert "memory.precision" not in tensors and "memory.precision_packed" in tensors
+    whole = {k: v.detach() for k, v in scorer.model.state_dict().items()}  # as format 1 kept it
+    assert whole["memory.precision"].numel() > 1.9 * tensors["memory.precision_packed"].numel()
+    old_file = tmp_path / "format1.lwm"
+    monkeypatch.setattr(modelfile, "FORMAT_VERSION", 1)
+    save_model_file(old_file, whole, read_model_meta(packed_file))
+    monkeypatch.undo()
+    assert read_model_meta(old_file).format_version == 1
+    frames = _frames(data)[:4]
+    np.testing.assert_array_equal(Scorer.load(old_file, device="cpu").score_batch(frames).scores,
+                                  scorer.score_batch(frames).scores)

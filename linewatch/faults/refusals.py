@@ -17,6 +17,7 @@ from pathlib import Path
 from linewatch.config import load_config
 from linewatch.faults.harness import LineSpec, Table, write_config
 from linewatch.faults.result import FaultResult, Setup
+from linewatch.model.modelfile import FORMAT_VERSION
 from linewatch.runtime.line import line_processes
 from linewatch.runtime.supervisor import CONFIG_ERROR_EXIT, Supervisor, linewatch_argv
 
@@ -71,7 +72,8 @@ def _expect(problems: list[str], error: str, *words: str) -> list[str]:
 def other_version(model: Path, dest: Path, version: int = 7) -> Path:
     """A copy of ``model`` that claims another format version (as a newer linewatch writes)."""
     blob = model.read_bytes()
-    old, new = b'"format_version":"1"', f'"format_version":"{version}"'.encode()
+    old = f'"format_version":"{FORMAT_VERSION}"'.encode()
+    new = f'"format_version":"{version}"'.encode()
     if blob.count(old) != 1 or len(old) != len(new):
         raise ValueError(f"{model}: format_version not found once in its header")
     dest.write_bytes(blob.replace(old, new))

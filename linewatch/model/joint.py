@@ -199,6 +199,16 @@ class JointModel(nn.Module):
         parts = (self.mdaae, self.image_encoder, self.generator)
         return [p for m in parts if m is not None for p in m.parameters()]
 
+    def file_tensors(self) -> dict[str, Tensor]:
+        """The state dict as a model file stores it: memory precisions packed (half size)."""
+        tensors = dict(self.state_dict())
+        if self.memory is not None:
+            NormalMemory.pack_for_file(tensors, "memory.")
+        if self.mdaae is not None:
+            for i in range(len(self.mdaae.residual_memories)):
+                NormalMemory.pack_for_file(tensors, f"mdaae.residual_memory.{i}.")
+        return tensors
+
     def load_tensors(self, tensors: Mapping[str, Tensor]) -> None:
         """Load a state dict from a model file; memory buffers take the stored shapes."""
         tensors = dict(tensors)  # older memory layouts are rewritten in place

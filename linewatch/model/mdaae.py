@@ -34,8 +34,13 @@ __all__ = [
     "build_memory_bank",
     "feature_distance_map",
     "nearest_distance",
+    "pack_symmetric",
     "resize_to",
+    "unpack_symmetric",
 ]
+
+# Name (after the memory's prefix) of the packed precision in a model file.
+PACKED_PRECISION = "precision_packed"
 
 
 def xavier_init(module: nn.Module) -> None:
@@ -325,9 +330,13 @@ class NormalMemory(nn.Module):
     def take_shapes(self, tensors: dict[str, Tensor], prefix: str) -> None:
         """Resize the buffers to the shapes stored in ``tensors`` before loading them.
 
+        A model file holds the precision packed (:meth:`pack_for_file`); it is unpacked here.
         A file written before the memory had shape groups holds one (P, C) mean and (P, C, C)
         precision and no edges; they are read as the one group they are.
         """
+        packed = tensors.pop(prefix + PACKED_PRECISION, None)
+        if packed is not None:
+            tensors[prefix + "precision"] = unpack_symmetric(packed)
         if tensors.get(prefix + "mean", torch.zeros(1, 0, 0)).dim() == 2:
             tensors[prefix + "mean"] = tensors[prefix + "mean"][None]
             tensors[prefix + "precision"] = tensors[prefix + "precision"][None]
@@ -337,6 +346,12 @@ class NormalMemory(nn.Module):
             if key in tensors:
                 current = getattr(self, name)
                 setattr(self, name, torch.zeros_like(tensors[key], device=current.device))
+
+    @staticmethod
+    def pack_for_file(tensors: dict[str, Tensor], prefix: str) -> None:
+        """Replace the memory's precision in a state dict by its packed upper triangle: the
+        inverse of a covariance is symmetric, so a model file needs half of it."""
+        tensors[prefix + PACKED_PRECISION] = pack_symmetric(tensors.pop(prefix + "precision"))
 
     def fit_gaussian(self, batches: Iterable[Tensor], eps: float) -> None:
         """Mean and inverse covariance per position from batches of ``Phi`` (B, C, h, w)."""
@@ -374,7 +389,10 @@ class NormalMemory(nn.Module):
             raise ValueError(f"{mean.shape[0]} Gaussians need {mean.shape[0] - 1} aspect edges")
         device = self.mean.device
         self.mean = mean.float().to(device)
-        self.precision = precision.float().to(device)
+        # Exactly symmetric (a no-op for cholesky_inverse's output), so a model file can keep
+        # one triangle of it without changing a score.
+        precision = precision.float().to(device)
+        self.precision = (precision + precision.transpose(-1, -2)) / 2
         self.aspect_edges = torch.tensor(list(edges), dtype=torch.float64, device=device)
 
     def fit_knn(self, features: Tensor, size: int, sampler: str, seed: int) -> None:
@@ -426,6 +444,33 @@ class NormalMemory(nn.Module):
         # One matrix product per position over the batch: each image's row is computed by
         # itself (no reduction runs across images), so batch neighbours cannot change it.
         return (torch.bmm(e, self.precision[group]) * e).sum(-1)
+
+
+def pack_symmetric(full: Tensor) -> Tensor:
+    """The upper triangles (diagonal included) of symmetric ``(..., C, C)`` matrices, as
+    ``(..., C (C + 1) / 2)``: what a model file stores of a precision matrix (half the bytes).
+
+    >>> m = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+    >>> pack_symmetric(m)
+    tensor([2., 1., 3.])
+    >>> torch.equal(unpack_symmetric(pack_symmetric(m)), m)
+    True
+    """
+    rows, cols = torch.triu_indices(full.shape[-1], full.shape[-1], device=full.device)
+    return full[..., rows, cols]
+
+
+def unpack_symmetric(packed: Tensor) -> Tensor:
+    """The symmetric ``(..., C, C)`` matrices whose upper triangles ``packed`` holds."""
+    n = packed.shape[-1]
+    c = (math.isqrt(8 * n + 1) - 1) // 2
+    if c * (c + 1) // 2 != n:
+        raise ValueError(f"{n} values are not the upper triangle of a square matrix")
+    rows, cols = torch.triu_indices(c, c, device=packed.device)
+    full = packed.new_zeros(*packed.shape[:-1], c, c)
+    full[..., rows, cols] = packed
+    full[..., cols, rows] = packed
+    return full
 
 
 def nearest_distance(queries: Tensor, bank: Tensor, bank_sq: Tensor, chunk: int = 4096) -> Tensor:

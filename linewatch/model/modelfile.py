@@ -5,7 +5,7 @@ metadata holds:
 
 =====================  ===============================================================
 ``format``             ``linewatch-model``
-``format_version``     ``1``; a reader refuses any other version
+``format_version``     ``2``; a reader refuses any version but 1 and 2
 ``created_at``         ISO 8601, UTC
 ``linewatch_version``  the linewatch that trained it
 ``config``             JSON: the model configuration (validated by the model code)
@@ -15,6 +15,10 @@ metadata holds:
 ``checksum``           sha256 over every tensor (name, dtype, shape, bytes) and the other
                        metadata, so any changed byte is found before a worker uses it
 =====================  ===============================================================
+
+Format 2 stores each memory's precision matrices (symmetric) as their packed upper
+triangles, ``<memory>.precision_packed``, which halves the file; format 1 held them whole, and
+still loads. The model code unpacks them (:meth:`NormalMemory.take_shapes`).
 
 Files are written atomically (temporary file, fsync, rename), so a worker that hot-reloads
 the path sees the old file or the new one, never half of one.
@@ -56,7 +60,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "linewatch-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this linewatch reads: 1 differs from 2 only in holding whole precision matrices.
+READABLE_VERSIONS = (1, 2)
 SUFFIX = ".lwm"
 
 # A header is a few kB of JSON; anything near this is a file of another kind.
@@ -307,17 +313,17 @@ def _data_length(path: Path, header: Mapping[str, Any]) -> int:
 
 def _decode_meta(path: Path, raw: Mapping[str, str]) -> ModelMeta:
     version = raw.get("format_version")
-    if version != str(FORMAT_VERSION):
+    if version not in {str(v) for v in READABLE_VERSIONS}:
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
         raise ModelFileError(
-            f"{path}: made by linewatch model format {version}, "
-            f"this linewatch reads {FORMAT_VERSION}"
+            f"{path}: made by linewatch model format {version}, this linewatch reads {readable}"
         )
     if "checksum" not in raw:
         raise ModelFileError(f"{path}: corrupt (no checksum in the metadata)")
     fields: dict[str, Any] = {
         "created_at": raw.get("created_at"),
         "linewatch_version": raw.get("linewatch_version"),
-        "format_version": FORMAT_VERSION,
+        "format_version": int(version),
         "checksum": raw["checksum"],
     }
     try:

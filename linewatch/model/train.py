@@ -492,7 +492,7 @@ def model_config(settings: ModelSettings, ts: TrainSettings, fingerprint: str) -
 
 def model_tensors(model: JointModel) -> dict[str, Tensor]:
     """What goes into the model file: every parameter and buffer of the heads."""
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    return {k: v.detach() for k, v in model.file_tensors().items()}
 
 
 @dataclass
