@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from linewatch.data.images import read_image
-from linewatch.data.mvtec import MVTecDataset
+from linewatch.data.mvtec import MVTecDataset, Sample
 from linewatch.model.calibrate import (
     calibrate_maps,
     collect_term_maps,
@@ -18,13 +18,17 @@ from linewatch.model.preprocess import ExposureJitter
 from linewatch.model.scorer import Scorer
 
 
+def _val_of(tiny_line_model: tuple[Path, Path]) -> tuple[Scorer, list[Sample], np.ndarray]:
+    """The tiny model's scorer, and its data set's val samples and labels."""
+    data, model = tiny_line_model
+    samples = MVTecDataset(data).validate("val")
+    return Scorer.load(model, device="cpu"), samples, np.array([int(s.is_defect) for s in samples])
+
+
 def test_exposure_copies_of_val_are_scored_the_same_way_every_time(
     tiny_line_model: tuple[Path, Path],
 ) -> None:
-    data, model = tiny_line_model
-    scorer = Scorer.load(model, device="cpu")
-    samples = MVTecDataset(data).validate("val")
-    labels = np.array([int(s.is_defect) for s in samples])
+    scorer, samples, labels = _val_of(tiny_line_model)
     first = exposure_drift_scores(scorer, samples, labels, batch=4, progress=False)
     again = exposure_drift_scores(scorer, samples, labels, batch=3, progress=False)
     assert first is not None and again is not None
@@ -43,10 +47,7 @@ def test_exposure_copies_of_val_are_scored_the_same_way_every_time(
 def test_drifted_good_images_just_above_the_operating_point_push_it_up(
     tiny_line_model: tuple[Path, Path],
 ) -> None:
-    data, model = tiny_line_model
-    scorer = Scorer.load(model, device="cpu")
-    samples = MVTecDataset(data).validate("val")
-    labels = np.array([int(s.is_defect) for s in samples])
+    scorer, samples, labels = _val_of(tiny_line_model)
     maps = collect_term_maps(scorer, image_batches(scorer, samples, 4, False, "val"))
     _, plain, *_ = calibrate_maps(scorer, maps, labels, min_recall=0.5)
     crowd = np.full(50, plain.operating_point + 1e-6)  # 50 drifted goods, each an alarm
