@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -199,24 +199,26 @@ class JointModel(nn.Module):
         parts = (self.mdaae, self.image_encoder, self.generator)
         return [p for m in parts if m is not None for p in m.parameters()]
 
+    def _memories(self) -> Iterator[tuple[str, NormalMemory]]:
+        """Every memory of normal features with its state-dict prefix."""
+        if self.memory is not None:
+            yield "memory.", self.memory
+        if self.mdaae is not None:
+            for i, memory in enumerate(self.mdaae.residual_memories):
+                yield f"mdaae.residual_memory.{i}.", memory
+
     def file_tensors(self) -> dict[str, Tensor]:
         """The state dict as a model file stores it: memory precisions packed (half size)."""
         tensors = dict(self.state_dict())
-        if self.memory is not None:
-            NormalMemory.pack_for_file(tensors, "memory.")
-        if self.mdaae is not None:
-            for i in range(len(self.mdaae.residual_memories)):
-                NormalMemory.pack_for_file(tensors, f"mdaae.residual_memory.{i}.")
+        for prefix, _ in self._memories():
+            NormalMemory.pack_for_file(tensors, prefix)
         return tensors
 
     def load_tensors(self, tensors: Mapping[str, Tensor]) -> None:
         """Load a state dict from a model file; memory buffers take the stored shapes."""
         tensors = dict(tensors)  # older memory layouts are rewritten in place
-        if self.memory is not None:
-            self.memory.take_shapes(tensors, "memory.")
-        if self.mdaae is not None:
-            for i, memory in enumerate(self.mdaae.residual_memories):
-                memory.take_shapes(tensors, f"mdaae.residual_memory.{i}.")
+        for prefix, memory in self._memories():
+            memory.take_shapes(tensors, prefix)
         self.load_state_dict(tensors, strict=True)
 
     # ------------------------------------------------------------------ forward
