@@ -36,3 +36,14 @@ def test_hot_path_prints_a_time_per_step() -> None:
     lines = _run("hot_path.py", "--repeats", "5")
     timed = [line for line in lines if re.search(rf"\s{_NUMBER}$", line)]
     assert len(timed) >= 10
+
+
+def test_floor_measures_each_camera_count_in_both_topologies() -> None:
+    for topology in ("broker", "direct"):
+        lines = _run("floor.py", "--cameras", "1", "2", "--seconds", "1",
+                     "--warmup-seconds", "0.5", "--model-ms", "1", "--topology", topology)
+        rows = [line.split() for line in lines if re.fullmatch(r"\s*\d+\s+\d+(\s+[\d.]+){8}", line)]
+        assert [row[0] for row in rows] == ["1", "2"], lines
+        for row in rows:
+            assert int(row[1]) > 0
+            assert float(row[2]) >= 1.0  # every worker held its CPU the model time asked for
