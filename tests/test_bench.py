@@ -22,6 +22,7 @@ from linewatch.bench.pipeline import (
     WrittenVerdict,
     line_config_text,
     read_written,
+    summarise_floor,
     summarise_run,
 )
 from linewatch.bench.report import BenchReport
@@ -97,6 +98,21 @@ def test_summary_splits_latency_into_batch_model_time_and_overhead() -> None:
     assert run.offered_fps == 10.0 and run.frames == 11  # ceil(10 fps x 1.1 s)
 
 
+def test_floor_summary_defines_overhead_as_the_line_does() -> None:
+    # camera, seq, acquired, model start, model end, decided, written (ns)
+    rows = np.array([[0, 0, 0, 1 * MS, 11 * MS, 12 * MS, int(12.5 * MS)],
+                     [1, 0, 0, 3 * MS, 13 * MS, int(13.5 * MS), 14 * MS]], np.int64)
+    floor = summarise_floor(rows, cameras=2, model_ms=10.0)
+    assert (floor.cameras, floor.steady_frames, floor.model_ms) == (2, 2, 10.0)
+    assert floor.overhead_ms_mean == pytest.approx(3.25)  # (2.5 + 4.0) / 2
+    assert floor.overhead_ratio == pytest.approx(0.325)
+    stages = floor.overhead_stages
+    assert (stages.to_model, stages.to_decision, stages.decide_write) == pytest.approx(
+        (2.0, 0.75, 0.5))
+    assert sum((stages.to_model, stages.to_decision, stages.decide_write)) == pytest.approx(
+        floor.overhead_ms_mean)
+
+
 def test_full_batch_time_is_extrapolated_when_no_batch_filled() -> None:
     written = [
         WrittenVerdict(verdict=_verdict(i, 100.0 * i, (100.0 * i + 1, 100.0 * i + 11, 1),
@@ -139,7 +155,9 @@ MODEL_KEYS = {"device", "torch_threads", "per_size_models", "models", "warmup", 
 ROW_KEYS = {"frame_size", "model_size", "tiles_per_frame", "batch", "ms_per_batch",
             "ms_per_image", "images_per_s", "backbone_ms_per_batch", "scorer_over_backbone",
             "stages_ms", "peak_memory_mb", "memory_before_mb"}
-PIPELINE_KEYS = {"plan", "worker_threads", "log_dir", "hop_ms", "runs"}
+PIPELINE_KEYS = {"plan", "worker_threads", "log_dir", "hop_ms", "runs", "floor"}
+FLOOR_KEYS = {"cameras", "model_ms", "steady_frames", "overhead_ms_mean", "overhead_ratio",
+              "overhead_stages"}
 RUN_KEYS = {"cameras", "scorer", "offered_fps", "frames", "verdicts", "steady_frames", "missed",
             "fail_safe", "throughput_fps", "latency_ms", "decided_latency_ms", "model_ms_mean",
             "batch_size_mean", "full_batch_ms", "full_batch_source", "overhead_ms_mean",
@@ -155,6 +173,7 @@ def _check_keys(raw: dict[str, Any]) -> None:
     assert set(raw["pipeline"]) == PIPELINE_KEYS
     assert all(set(run) == RUN_KEYS for run in raw["pipeline"]["runs"])
     assert all(set(run["latency_ms"]) == LATENCY_KEYS for run in raw["pipeline"]["runs"])
+    assert all(set(run) == FLOOR_KEYS for run in raw["pipeline"]["floor"])
 
 
 def _check_row(row: ModelRow) -> None:
@@ -210,6 +229,10 @@ def test_smallest_bench_writes_every_figure(
     assert report.pipeline.plan.camera_phase == "aligned" and "(phase aligned)" in printed
     assert "--camera-phase aligned" in report.command
     assert report.pipeline.hop_ms is not None and report.pipeline.hop_ms.p50 > 0
+    (floor,) = report.pipeline.floor  # one camera count: one floor run, at its model time
+    assert floor.cameras == 1 and floor.model_ms == runs[0].model_ms_mean
+    assert floor.steady_frames > 0 and floor.overhead_ms_mean > 0
+    assert "Floor:" in printed and "--floor" in report.command
 
 
 def test_bad_flags_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:

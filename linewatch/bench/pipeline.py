@@ -47,6 +47,7 @@ import numpy as np
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
+from linewatch.bench.floor import FloorPhase, measure_floor
 from linewatch.bench.hop import measure_hop_ms
 from linewatch.config import WorkersConfig, load_config
 from linewatch.errors import LinewatchError
@@ -102,6 +103,11 @@ class PipelinePlan(_Frozen):
     )
     device: str = "auto"
     model: Path
+    floor: bool = Field(
+        True, description="per camera count, also run the line's processes with no code in "
+        "them (linewatch.bench.floor), workers holding a CPU for the model run's mean model "
+        "time: the overhead this machine allows (not run for camera_phase free)"
+    )
 
     @property
     def batch_limit(self) -> int:
@@ -169,6 +175,17 @@ class PipelineRun(_Frozen):
     p99_over_batch_time: float | None = Field(description="p99 latency / full-batch time")
 
 
+class FloorRun(_Frozen):
+    """The line's processes with no code in them (:mod:`linewatch.bench.floor`), one run."""
+
+    cameras: int
+    model_ms: float = Field(description="CPU time each worker held per frame")
+    steady_frames: int
+    overhead_ms_mean: float = Field(description="mean of latency - model time")
+    overhead_ratio: float = Field(description="mean overhead / mean model time")
+    overhead_stages: OverheadStages
+
+
 class PipelineBench(_Frozen):
     """Everything the pipeline benchmark measured."""
 
@@ -180,6 +197,9 @@ class PipelineBench(_Frozen):
         "every 20 ms): the floor under each of a frame's three process hops"
     )
     runs: list[PipelineRun]
+    floor: list[FloorRun] = Field(
+        default_factory=list, description="the floor per camera count, as plan.floor asks"
+    )
 
 
 # --------------------------------------------------------------------------- analysis
@@ -295,6 +315,24 @@ def _overhead_stages(scored: Sequence[WrittenVerdict]) -> OverheadStages | None:
                           decide_write=round(float(ms[2]), 3))
 
 
+def summarise_floor(rows: np.ndarray, cameras: int, model_ms: float) -> FloorRun:
+    """The figures of a floor run from :func:`~linewatch.bench.floor.measure_floor`'s rows,
+    defined as :func:`summarise_run` defines the line's."""
+    acquired, start, end, decided, written = (rows[:, i].astype(np.float64) / 1e6
+                                              for i in range(2, 7))
+    model = end - start
+    overhead = (written - acquired) - model
+    return FloorRun(
+        cameras=cameras, model_ms=round(model_ms, 3), steady_frames=len(rows),
+        overhead_ms_mean=round(float(overhead.mean()), 3),
+        overhead_ratio=round(float(overhead.mean() / model.mean()), 3),
+        overhead_stages=OverheadStages(
+            to_model=round(float((start - acquired).mean()), 3),
+            to_decision=round(float((decided - end).mean()), 3),
+            decide_write=round(float((written - decided).mean()), 3)),
+    )
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -399,15 +437,28 @@ def run_pipeline_bench(plan: PipelinePlan, log_dir: Path,
     """Run the line once per camera count and scorer; against ``redis_url`` or an
     embedded Redis started for the benchmark. Process logs go to ``log_dir/<run>/``."""
     runs: list[PipelineRun] = []
+    floor: list[FloorRun] = []
     hop = LatencyStats.of(measure_hop_ms())
     with _redis(redis_url) as url:
         for cameras in plan.cameras:
-            for scorer in plan.scorers:
-                run_logs = log_dir / f"{cameras}cam-{scorer}"
-                runs.append(_run_line(plan, url, cameras, scorer, run_logs))
+            these = [_run_line(plan, url, cameras, scorer, log_dir / f"{cameras}cam-{scorer}")
+                     for scorer in plan.scorers]
+            runs += these
+            model_ms = these[0].model_ms_mean if these else None  # the first scorer's
+            if plan.floor and plan.camera_phase != "free" and model_ms:
+                floor.append(_run_floor(plan, url, cameras, model_ms))
     threads = max(1, (os.cpu_count() or 1) // plan.workers)
     return PipelineBench(plan=plan, worker_threads=threads, log_dir=str(log_dir), hop_ms=hop,
-                         runs=runs)
+                         runs=runs, floor=floor)
+
+
+def _run_floor(plan: PipelinePlan, redis_url: str, cameras: int, model_ms: float) -> FloorRun:
+    phase: FloorPhase = "spread" if plan.camera_phase == "spread" else "aligned"
+    log.info("floor_run_started", cameras=cameras, model_ms=model_ms, phase=phase)
+    rows = measure_floor(cameras, workers=plan.workers, fps=plan.fps, phase=phase,
+                         model_ms=model_ms, seconds=plan.seconds, warmup_s=plan.warmup_s,
+                         redis_url=redis_url)
+    return summarise_floor(rows, cameras, model_ms)
 
 
 def _redis(url: str | None) -> contextlib.AbstractContextManager[str]:

@@ -148,7 +148,20 @@ def _pipeline_lines(bench: PipelineBench) -> list[str]:
              [f"ZeroMQ hop between two processes here (ipc, 64 KiB, every 20 ms): p50 "
               f"{hop.p50:.2f} ms, p99 {hop.p99:.2f} ms; a frame makes three (camera, "
               f"dispatcher, worker, decision)"])
-    return [head, *floor, *_table(header, rows)]
+    return [head, *floor, *_table(header, rows), *_floor_lines(bench)]
+
+
+def _floor_lines(bench: PipelineBench) -> list[str]:
+    if not bench.floor:
+        return []
+    phase = "spread" if bench.plan.camera_phase == "spread" else "aligned"
+    head = (f"Floor: the same processes with no code in them (linewatch.bench.floor: cameras "
+            f"{phase}, a broker, {bench.plan.workers} workers holding a CPU for the run's model "
+            f"time, decision writing to the same Redis); the overhead this machine allows")
+    header = ["cams", "model ms", "overhead ms", "in/out/write ms", "overhead/model"]
+    rows = [[str(f.cameras), _num(f.model_ms), _num(f.overhead_ms_mean),
+             _stages(f.overhead_stages), _num(f.overhead_ratio, 2)] for f in bench.floor]
+    return [head, *_table(header, rows)]
 
 
 def _pipeline_row(r: PipelineRun) -> list[str]:

@@ -5,7 +5,7 @@
     linewatch bench [--json OUT] [--device auto|cpu|cuda] [--model FILE] [--quick]
                     [--only model|pipeline] [--sizes 128 256 512] [--batches 1 4 8 16]
                     [--cameras 1 2 4] [--camera-phase aligned|spread|free] [--fps 10]
-                    [--seconds 6] [--max-batch N]
+                    [--seconds 6] [--max-batch N] [--floor | --no-floor]
                     [--backend auto|torch|onnxruntime] [--precision fp32|bf16|fp16]
                     [--channels-last | --no-channels-last] [--compile]
 
@@ -105,6 +105,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     line.add_argument("--max-batch", type=int, default=None, metavar="N",
                       help="frames per batch at most (default: the line's, workers.max_batch: "
                            "4 with onnxruntime on a CPU, 1 with torch, 8 on CUDA)")
+    line.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                      help="after each camera count, run the same processes with no code in "
+                           "them, for the overhead this machine allows (default: on; not run "
+                           "with --camera-phase free)")
     p.set_defaults(func=_bench)
 
 
@@ -164,6 +168,7 @@ def _plans(
             seconds=seconds, warmup_s=warmup_s,
             frame_size=args.frame_size, workers=args.workers, device=args.device,
             max_batch=args.max_batch, model=pipeline_model(args.frame_size, args.model, cache),
+            floor=args.floor,
         )
     return model_plan, pipeline_plan
 
@@ -204,7 +209,7 @@ def _command(args: argparse.Namespace, model_plan: ModelBenchPlan | None,
                   "--fps", f"{q.fps:g}",
                   "--seconds", f"{q.seconds:g}", "--warmup-seconds", f"{q.warmup_s:g}",
                   "--frame-size", str(q.frame_size), "--workers", str(q.workers),
-                  "--max-batch", str(q.batch_limit)]
+                  "--max-batch", str(q.batch_limit), "--floor" if q.floor else "--no-floor"]
     if args.json is not None:
         words += ["--json", str(args.json)]
     return shlex.join(words)
