@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import redis
 
+from linewatch.bench.floor import measure_floor
 from linewatch.bench.hop import measure_hop_ms
 from linewatch.bench.model import ModelRow
 from linewatch.bench.pipeline import (
@@ -29,6 +30,7 @@ from linewatch.bench.report import BenchReport
 from linewatch.cli import main
 from linewatch.config import SynthSource, load_config
 from linewatch.streams.records import StreamKeys, VerdictRecord
+from linewatch.streams.server import EmbeddedRedis, free_port
 
 MS = 1_000_000
 
@@ -111,6 +113,21 @@ def test_floor_summary_defines_overhead_as_the_line_does() -> None:
         (2.0, 0.75, 0.5))
     assert sum((stages.to_model, stages.to_decision, stages.decide_write)) == pytest.approx(
         floor.overhead_ms_mean)
+
+
+def test_floor_leaves_no_key_behind_and_names_a_process_that_died(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis
+) -> None:
+    rows = measure_floor(2, workers=2, fps=20, phase="spread", model_ms=1.0, seconds=0.3,
+                         warmup_s=0.1, redis_url=redis_server.url)
+    assert rows.shape[1] == 7 and len(rows) > 0
+    assert set(rows[:, 0]) <= {0, 1}
+    assert np.all(np.diff(rows[:, 2:], axis=1) >= 0)  # acquired <= start <= end <= ... written
+    assert redis_client.keys("linewatch:bench-floor:*") == []  # its stream is deleted
+    nobody = f"redis://127.0.0.1:{free_port()}/0"  # no server: the decision process fails
+    with pytest.raises(RuntimeError, match="floor-decision exited"):
+        measure_floor(1, workers=1, fps=20, phase="aligned", model_ms=1.0, seconds=0.1,
+                      warmup_s=0.1, redis_url=nobody)
 
 
 def test_full_batch_time_is_extrapolated_when_no_batch_filled() -> None:

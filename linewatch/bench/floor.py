@@ -28,6 +28,8 @@ import tempfile
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence
+from multiprocessing.process import BaseProcess
 from typing import Literal
 
 import numpy as np
@@ -145,6 +147,20 @@ def _decision(endpoint: str, redis_url: str, total: int, report: str) -> None:
         out.close(linger=5_000)
 
 
+def _receive(report: zmq.Socket[bytes], procs: Sequence[BaseProcess], timeout_s: float,
+             what: str) -> bytes:
+    """The next report message; RuntimeError when a process died or ``timeout_s`` passed."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if report.poll(200):
+            return report.recv()
+        dead = [p for p in procs if p.exitcode not in (None, 0)]
+        if dead:
+            raise RuntimeError(f"floor benchmark: process {dead[0].name} exited with code "
+                               f"{dead[0].exitcode} (its error is on stderr)")
+    raise RuntimeError(f"floor benchmark: timed out after {timeout_s:g} s waiting to {what}")
+
+
 def measure_floor(cameras: int, *, workers: int, fps: float, phase: FloorPhase,
                   model_ms: float, seconds: float, warmup_s: float, redis_url: str,
                   topology: Topology = "broker") -> np.ndarray:
@@ -164,34 +180,34 @@ def measure_floor(cameras: int, *, workers: int, fps: float, phase: FloorPhase,
         worker_ends = [f"{ends['workers']}-{k}" if direct else ends["workers"]
                        for k in range(workers)]
         report.bind(ends["report"])
-        procs = [ctx.Process(target=_decision,
+        procs = [ctx.Process(target=_decision, name="floor-decision",
                              args=(ends["decision"], redis_url, total, ends["report"]))]
         if not direct:
-            procs.append(ctx.Process(target=_broker, args=(ends["frames"], ends["workers"],
-                                                           total, ends["report"])))
-        procs += [ctx.Process(target=_worker, args=(end, direct, ends["decision"], model_ms,
-                                                    ends["report"]))
-                  for end in worker_ends]
+            procs.append(ctx.Process(target=_broker, name="floor-broker",
+                                     args=(ends["frames"], ends["workers"], total,
+                                           ends["report"])))
+        procs += [ctx.Process(target=_worker, name=f"floor-worker-{k}",
+                              args=(end, direct, ends["decision"], model_ms, ends["report"]))
+                  for k, end in enumerate(worker_ends)]
         for p in procs:
             p.start()
         try:
             for _ in procs:  # every socket bound or connected before the first frame
-                if not report.poll(60_000) or report.recv() != b"up":
-                    raise RuntimeError("floor benchmark: a process did not start in 60 s")
+                if _receive(report, procs, 60.0, "start") != b"up":
+                    raise RuntimeError("floor benchmark: a process did not report its start")
             start_ns = time.time_ns() + _CAMERA_START_NS
             period_ns = int(1e9 / fps)
             offset_ns = period_ns // cameras if phase == "spread" else 0
-            cams = [ctx.Process(target=_camera, args=(
+            cams = [ctx.Process(target=_camera, name=f"floor-camera-{i}", args=(
                         i, worker_ends[i % workers] if direct else ends["frames"],
                         period_ns, start_ns + i * offset_ns, frames))
                     for i in range(cameras)]
             for p in cams:
                 p.start()
             procs += cams
-            if not report.poll(int((seconds + warmup_s + 60) * 1000)):
-                raise RuntimeError("floor benchmark: the decision process did not receive "
-                                   f"all {total} frames")
-            rows = np.frombuffer(report.recv(), np.int64).reshape(-1, 7)
+            answer = _receive(report, procs, seconds + warmup_s + 60,
+                              f"receive all {total} frames")
+            rows = np.frombuffer(answer, np.int64).reshape(-1, 7)
         finally:
             for p in procs:
                 p.join(timeout=2)
