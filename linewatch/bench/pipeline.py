@@ -118,6 +118,11 @@ class PipelinePlan(_Frozen):
             {"max_batch": self.max_batch, "device": self.device}))
 
     @property
+    def floor_phase(self) -> FloorPhase:
+        """The floor's camera phase: the run's, with ``free`` (never floored) as aligned."""
+        return "spread" if self.camera_phase == "spread" else "aligned"
+
+    @property
     def frames_per_camera(self) -> int:
         """Frames each camera sends in one run (warm-up and steady part)."""
         return math.ceil(self.fps * (self.warmup_s + self.seconds))
@@ -305,31 +310,33 @@ def summarise_run(
 def _overhead_stages(scored: Sequence[WrittenVerdict]) -> OverheadStages | None:
     if not scored:
         return None
-    ms = np.array([
-        ((cast(int, w.verdict.ts_infer_start_ns) - cast(int, w.verdict.ts_acquired_ns)) / 1e6,
-         (w.verdict.ts_decided_ns - cast(int, w.verdict.ts_infer_end_ns)) / 1e6,
-         (w.written_ns - w.verdict.ts_decided_ns) / 1e6)
-        for w in scored
-    ]).mean(axis=0)
-    return OverheadStages(to_model=round(float(ms[0]), 3), to_decision=round(float(ms[1]), 3),
-                          decide_write=round(float(ms[2]), 3))
+    ns = np.array([(cast(int, w.verdict.ts_acquired_ns), cast(int, w.verdict.ts_infer_start_ns),
+                    cast(int, w.verdict.ts_infer_end_ns), w.verdict.ts_decided_ns, w.written_ns)
+                   for w in scored], dtype=np.int64)
+    return stages_of(ns)
+
+
+def stages_of(ns: np.ndarray) -> OverheadStages:
+    """Mean stages of frames given as rows of (acquired, model start, model end, decided,
+    written) ns: the one definition the line's runs and the floor's share."""
+    acquired, start, end, decided, written = (ns[:, i].astype(np.float64) / 1e6
+                                              for i in range(5))
+    return OverheadStages(to_model=round(float((start - acquired).mean()), 3),
+                          to_decision=round(float((decided - end).mean()), 3),
+                          decide_write=round(float((written - decided).mean()), 3))
 
 
 def summarise_floor(rows: np.ndarray, cameras: int, model_ms: float) -> FloorRun:
     """The figures of a floor run from :func:`~linewatch.bench.floor.measure_floor`'s rows,
     defined as :func:`summarise_run` defines the line's."""
-    acquired, start, end, decided, written = (rows[:, i].astype(np.float64) / 1e6
-                                              for i in range(2, 7))
-    model = end - start
-    overhead = (written - acquired) - model
+    ns = rows[:, 2:7]
+    model = (ns[:, 2] - ns[:, 1]) / 1e6
+    overhead = (ns[:, 4] - ns[:, 0]) / 1e6 - model
     return FloorRun(
         cameras=cameras, model_ms=round(model_ms, 3), steady_frames=len(rows),
         overhead_ms_mean=round(float(overhead.mean()), 3),
         overhead_ratio=round(float(overhead.mean() / model.mean()), 3),
-        overhead_stages=OverheadStages(
-            to_model=round(float((start - acquired).mean()), 3),
-            to_decision=round(float((decided - end).mean()), 3),
-            decide_write=round(float((written - decided).mean()), 3)),
+        overhead_stages=stages_of(ns),
     )
 
 
@@ -453,9 +460,8 @@ def run_pipeline_bench(plan: PipelinePlan, log_dir: Path,
 
 
 def _run_floor(plan: PipelinePlan, redis_url: str, cameras: int, model_ms: float) -> FloorRun:
-    phase: FloorPhase = "spread" if plan.camera_phase == "spread" else "aligned"
-    log.info("floor_run_started", cameras=cameras, model_ms=model_ms, phase=phase)
-    rows = measure_floor(cameras, workers=plan.workers, fps=plan.fps, phase=phase,
+    log.info("floor_run_started", cameras=cameras, model_ms=model_ms, phase=plan.floor_phase)
+    rows = measure_floor(cameras, workers=plan.workers, fps=plan.fps, phase=plan.floor_phase,
                          model_ms=model_ms, seconds=plan.seconds, warmup_s=plan.warmup_s,
                          redis_url=redis_url)
     return summarise_floor(rows, cameras, model_ms)

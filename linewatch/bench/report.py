@@ -154,10 +154,10 @@ def _pipeline_lines(bench: PipelineBench) -> list[str]:
 def _floor_lines(bench: PipelineBench) -> list[str]:
     if not bench.floor:
         return []
-    phase = "spread" if bench.plan.camera_phase == "spread" else "aligned"
     head = (f"Floor: the same processes with no code in them (linewatch.bench.floor: cameras "
-            f"{phase}, a broker, {bench.plan.workers} workers holding a CPU for the run's model "
-            f"time, decision writing to the same Redis); the overhead this machine allows")
+            f"{bench.plan.floor_phase}, a broker, {bench.plan.workers} workers holding a CPU for "
+            f"the run's model time, decision writing to the same Redis); the overhead this "
+            "machine allows")
     header = ["cams", "model ms", "overhead ms", "in/out/write ms", "overhead/model"]
     rows = [[str(f.cameras), _num(f.model_ms), _num(f.overhead_ms_mean),
              _stages(f.overhead_stages), _num(f.overhead_ratio, 2)] for f in bench.floor]
