@@ -32,6 +32,7 @@ from linewatch.model.scorer import (
     remove_impulses,
     standardise_intensity,
     to_frame_maps,
+    untruncated_moments,
 )
 from linewatch.model.settings import ScoreWeights, TrainSettings, variant_settings
 from linewatch.model.train import model_tensors, train
@@ -181,6 +182,32 @@ def test_intensity_standardisation_cancels_gain_and_offset() -> None:
     np.testing.assert_allclose(
         standardise_intensity(frame), standardise_intensity(brighter), atol=0.02
     )
+
+
+def test_truncated_standardisation_keeps_the_contrast_of_an_overexposed_frame() -> None:
+    # Blocks of 3 x 3: clipped areas, not scattered pixels, as a camera's texture has them.
+    texture = np.kron(np.random.default_rng(3).normal(0.45, 0.08, (40, 40)), np.ones((3, 3)))
+    frame = np.rint(texture * 255).astype(np.uint8)
+    over = np.rint(np.clip(texture * 2.0 + 0.05, 0.0, 1.0) * 255).astype(np.uint8)
+    clipped = clipped_mask(over)
+    assert clipped is not None and 0.3 < clipped.mean() < 0.45
+    reference = standardise_intensity(frame, clipped_mask(frame))[~clipped]
+    plain = standardise_intensity(over, clipped)[~clipped]
+    corrected = standardise_intensity(over, clipped, truncated=True)[~clipped]
+    assert np.abs(corrected - reference).mean() < 0.01
+    assert np.abs(plain - reference).mean() > 4 * np.abs(corrected - reference).mean()
+    # Without a plateau there is nothing to correct.
+    np.testing.assert_array_equal(
+        standardise_intensity(frame, None, truncated=True), standardise_intensity(frame)
+    )
+
+
+def test_untruncated_moments_invert_a_truncated_normal() -> None:
+    values = np.random.default_rng(4).normal(0.3, 0.05, 200_000)
+    low, high = np.quantile(values, [0.1, 0.6])
+    kept = values[(values > low) & (values < high)]
+    mean, std = untruncated_moments(float(kept.mean()), float(kept.std()), 0.1, 0.4)
+    assert mean == pytest.approx(0.3, abs=2e-3) and std == pytest.approx(0.05, rel=0.02)
 
 
 def test_clipped_plateaus_neither_set_nor_show_the_score() -> None:

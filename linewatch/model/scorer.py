@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import cv2
@@ -48,6 +49,8 @@ __all__ = [
     "build_backbone",
     "preprocess_config",
     "resolve_device",
+    "standardise_intensity",
+    "untruncated_moments",
 ]
 
 log = get_logger("scorer")
@@ -178,8 +181,12 @@ def model_input(
         frames = [remove_impulses(f) for f in frames]
     clipped = [clipped_mask(f) if settings.mask_clipped else None for f in frames]
     regions = frame_regions(frames, settings, clipped)
-    if settings.intensity == "standardise":
-        frames = [standardise_intensity(f, c) for f, c in zip(frames, clipped, strict=True)]
+    if settings.intensity != "none":
+        truncated = settings.intensity == "standardise_truncated"
+        frames = [
+            standardise_intensity(f, c, truncated=truncated)
+            for f, c in zip(frames, clipped, strict=True)
+        ]
     return preprocess_batch(frames, preprocess_config(settings), device), regions
 
 
@@ -189,12 +196,20 @@ _TARGET_MEAN = 0.45
 _TARGET_STD = 0.12
 
 
-def standardise_intensity(frame: np.ndarray, clipped: np.ndarray | None = None) -> np.ndarray:
+def standardise_intensity(
+    frame: np.ndarray, clipped: np.ndarray | None = None, *, truncated: bool = False
+) -> np.ndarray:
     """``frame`` as float32 in [0, 1] with a fixed mean and std (per frame, all channels).
 
     A global gain and offset of the lighting cancel out; what remains is the surface's
     relative texture, which is what the model judges. The statistics leave out ``clipped``
     pixels (bool H x W), whose values say nothing about the gain.
+
+    Left out, those pixels still bias what is left: a frame clipped at white keeps only its
+    darker part, whose mean is lower and whose spread is narrower than the frame's, so its
+    texture would come out with too much contrast (1.7 x with half the frame clipped, for
+    normally distributed intensities). ``truncated`` estimates the whole frame's mean and
+    std from the unclipped pixels instead (:func:`untruncated_moments`).
 
     >>> f = np.array([[10, 20], [30, 40]], np.uint8)
     >>> g = standardise_intensity((f * 2 + 7).astype(np.uint8))
@@ -205,11 +220,59 @@ def standardise_intensity(frame: np.ndarray, clipped: np.ndarray | None = None) 
         x = frame.astype(np.float32) / float(np.iinfo(frame.dtype).max)
     else:
         x = frame.astype(np.float32, copy=False)
-    seen = x[~clipped] if clipped is not None and not clipped.all() else x
+    has_plateau = clipped is not None and bool(clipped.any()) and not bool(clipped.all())
+    seen = x[~clipped] if has_plateau and clipped is not None else x
     mean = float(seen.mean())
     std = float(seen.std())
+    if truncated and has_plateau and clipped is not None:
+        gray = x.mean(axis=2) if x.ndim == 3 else x
+        bright = float(np.count_nonzero(clipped & (gray > mean))) / clipped.size
+        dark = float(np.count_nonzero(clipped)) / clipped.size - bright
+        mean, std = untruncated_moments(mean, std, dark, bright)
     z = (x - mean) / max(std, 1e-4)
     return np.clip(_TARGET_MEAN + _TARGET_STD * z, 0.0, 1.0).astype(np.float32)
+
+
+# Beyond this share clipped on one side the few pixels left say too little about the
+# frame's spread; the correction stops growing there (std x 2.4 at 90 % clipped at white).
+_MAX_TRUNCATION = 0.9
+_NORMAL = NormalDist()
+
+
+def untruncated_moments(
+    mean: float, std: float, dark: float, bright: float
+) -> tuple[float, float]:
+    """Mean and std of a frame from those of its unclipped pixels, ``dark`` and ``bright``
+    being the shares of the frame clipped at black and at white.
+
+    The intensities are taken as normally distributed, so the unclipped pixels follow a
+    normal distribution truncated below its ``dark`` and above its ``1 - bright``
+    quantile, whose moments are known in closed form. With nothing clipped they are the
+    frame's own:
+
+    >>> untruncated_moments(0.4, 0.1, 0.0, 0.0)
+    (0.4, 0.1)
+    >>> m, s = untruncated_moments(0.4, 0.1, 0.0, 0.5)  # half the frame clipped at white
+    >>> round(m, 3), round(s, 3)
+    (0.532, 0.166)
+    """
+    dark = min(max(dark, 0.0), _MAX_TRUNCATION)
+    bright = min(max(bright, 0.0), _MAX_TRUNCATION)
+    if dark + bright > _MAX_TRUNCATION:
+        scale = _MAX_TRUNCATION / (dark + bright)
+        dark, bright = dark * scale, bright * scale
+    low = _NORMAL.inv_cdf(dark) if dark > 0 else -np.inf
+    high = _NORMAL.inv_cdf(1.0 - bright) if bright > 0 else np.inf
+    kept = 1.0 - dark - bright
+    pdf_low = _NORMAL.pdf(low) if dark > 0 else 0.0
+    pdf_high = _NORMAL.pdf(high) if bright > 0 else 0.0
+    edge_low = low * pdf_low if dark > 0 else 0.0
+    edge_high = high * pdf_high if bright > 0 else 0.0
+    # Mean and variance of a standard normal truncated to [low, high].
+    shift = (pdf_low - pdf_high) / kept
+    variance = 1.0 + (edge_low - edge_high) / kept - shift * shift
+    full_std = std / float(np.sqrt(max(variance, 1e-6)))
+    return mean - shift * full_std, full_std
 
 
 def build_backbone(settings: ModelSettings, device: torch.device) -> FeatureExtractor | None:
