@@ -29,6 +29,7 @@ from linewatch.model.scorer import (
     clipped_mask,
     crop_reduce,
     frame_regions,
+    model_input,
     remove_impulses,
     standardise_intensity,
     to_frame_maps,
@@ -200,6 +201,17 @@ def test_truncated_standardisation_keeps_the_contrast_of_an_overexposed_frame() 
     np.testing.assert_array_equal(
         standardise_intensity(frame, None, truncated=True), standardise_intensity(frame)
     )
+
+
+def test_model_input_standardises_as_the_settings_say() -> None:
+    texture = np.kron(np.random.default_rng(5).normal(0.45, 0.08, (32, 32)), np.ones((2, 2)))
+    clean = np.rint(texture * 255).astype(np.uint8)
+    over = np.rint(np.clip(texture * 2.0 + 0.05, 0.0, 1.0) * 255).astype(np.uint8)
+    old, new = (variant_settings("B", size=SIZE, intensity=mode)
+                for mode in ("standardise", "standardise_truncated"))
+    assert variant_settings("B").intensity == "standardise_truncated"  # the default
+    assert torch.equal(model_input([clean], old, "cpu")[0], model_input([clean], new, "cpu")[0])
+    assert not torch.equal(model_input([over], old, "cpu")[0], model_input([over], new, "cpu")[0])
 
 
 def test_untruncated_moments_invert_a_truncated_normal() -> None:
