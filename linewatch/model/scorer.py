@@ -220,14 +220,14 @@ def standardise_intensity(
         x = frame.astype(np.float32) / float(np.iinfo(frame.dtype).max)
     else:
         x = frame.astype(np.float32, copy=False)
-    has_plateau = clipped is not None and bool(clipped.any()) and not bool(clipped.all())
-    seen = x[~clipped] if has_plateau and clipped is not None else x
+    plateau = clipped if clipped is not None and clipped.any() and not clipped.all() else None
+    seen = x[~plateau] if plateau is not None else x
     mean = float(seen.mean())
     std = float(seen.std())
-    if truncated and has_plateau and clipped is not None:
+    if truncated and plateau is not None:
         gray = x.mean(axis=2) if x.ndim == 3 else x
-        bright = float(np.count_nonzero(clipped & (gray > mean))) / clipped.size
-        dark = float(np.count_nonzero(clipped)) / clipped.size - bright
+        bright = float(np.count_nonzero(plateau & (gray > mean))) / plateau.size
+        dark = float(np.count_nonzero(plateau)) / plateau.size - bright
         mean, std = untruncated_moments(mean, std, dark, bright)
     z = (x - mean) / max(std, 1e-4)
     return np.clip(_TARGET_MEAN + _TARGET_STD * z, 0.0, 1.0).astype(np.float32)
@@ -261,18 +261,24 @@ def untruncated_moments(
     if dark + bright > _MAX_TRUNCATION:
         scale = _MAX_TRUNCATION / (dark + bright)
         dark, bright = dark * scale, bright * scale
-    low = _NORMAL.inv_cdf(dark) if dark > 0 else -np.inf
-    high = _NORMAL.inv_cdf(1.0 - bright) if bright > 0 else np.inf
+    pdf_low, edge_low = _cut(dark, dark)
+    pdf_high, edge_high = _cut(bright, 1.0 - bright)
     kept = 1.0 - dark - bright
-    pdf_low = _NORMAL.pdf(low) if dark > 0 else 0.0
-    pdf_high = _NORMAL.pdf(high) if bright > 0 else 0.0
-    edge_low = low * pdf_low if dark > 0 else 0.0
-    edge_high = high * pdf_high if bright > 0 else 0.0
-    # Mean and variance of a standard normal truncated to [low, high].
+    # Mean and variance of a standard normal truncated between the two cuts.
     shift = (pdf_low - pdf_high) / kept
     variance = 1.0 + (edge_low - edge_high) / kept - shift * shift
     full_std = std / float(np.sqrt(max(variance, 1e-6)))
     return mean - shift * full_std, full_std
+
+
+def _cut(share: float, quantile: float) -> tuple[float, float]:
+    """Density ``phi(z)`` and ``z * phi(z)`` of a standard normal where a ``share`` is cut
+    off at its ``quantile`` z; both 0 when nothing is cut (z infinite)."""
+    if share <= 0:
+        return 0.0, 0.0
+    z = _NORMAL.inv_cdf(quantile)
+    density = _NORMAL.pdf(z)
+    return density, z * density
 
 
 def build_backbone(settings: ModelSettings, device: torch.device) -> FeatureExtractor | None:
