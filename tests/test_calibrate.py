@@ -13,6 +13,7 @@ from linewatch.model.calibrate import (
     collect_term_maps,
     exposure_drift_scores,
     image_batches,
+    joint_scores,
 )
 from linewatch.model.preprocess import ExposureJitter
 from linewatch.model.scorer import Scorer
@@ -23,6 +24,19 @@ def _val_of(tiny_line_model: tuple[Path, Path]) -> tuple[Scorer, list[Sample], n
     data, model = tiny_line_model
     samples = MVTecDataset(data).validate("val")
     return Scorer.load(model, device="cpu"), samples, np.array([int(s.is_defect) for s in samples])
+
+
+def test_calibration_scores_each_image_as_the_runtime_scorer_does(
+    tiny_line_model: tuple[Path, Path],
+) -> None:
+    scorer, samples, labels = _val_of(tiny_line_model)
+    assert scorer.settings.frame_mean_weight > 0  # the frame's mean is part of both
+    maps = collect_term_maps(scorer, image_batches(scorer, samples, 4, False, "calibrate"))
+    calibrated = joint_scores(scorer, maps, scorer.model.weights)
+    runtime = scorer.score_batch([read_image(s.path) for s in samples]).scores
+    np.testing.assert_allclose(calibrated, runtime, atol=1e-4)
+    good = runtime[labels == 0]  # normalised units: val's good images centre on 0
+    assert abs(float(good.mean())) < 0.25 * float(good.std())
 
 
 def test_exposure_copies_of_val_are_scored_the_same_way_every_time(

@@ -100,7 +100,7 @@ def test_each_variant_scores_every_term_it_has(variant: str) -> None:
     with torch.inference_mode():
         fwd = model(prep.x, prep.feats)
         maps = model.term_maps(fwd, model.available_terms())
-        joint = model.joint_map(maps)
+        joint = model.joint_map(maps, prep.regions)
     assert set(maps) == set(model.available_terms())
     for m in maps.values():
         assert m.shape == (2, 1, SIZE // 4, SIZE // 4)

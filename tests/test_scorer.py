@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from linewatch.errors import ModelFileError
 from linewatch.metrics import auroc
 from linewatch.model import modelfile
 from linewatch.model.calibrate import fit_shape_groups
-from linewatch.model.joint import ShapeGroups
+from linewatch.model.joint import ShapeGroups, raise_by_frame_mean
 from linewatch.model.modelfile import (
     load_model_file,
     read_model_meta,
@@ -25,6 +26,7 @@ from linewatch.model.modelfile import (
 )
 from linewatch.model.scorer import (
     BackboneOnlyScorer,
+    Region,
     Scorer,
     clipped_mask,
     crop_reduce,
@@ -240,6 +242,46 @@ def test_clipped_plateaus_neither_set_nor_show_the_score() -> None:
     (shown,) = to_frame_maps(maps, [region])
     assert shown.shape == (64, 64) and float(shown.max()) <= 2.0 + 1e-6
     assert clipped_mask(np.full((8, 8), 7, np.uint8)) is None
+
+
+def test_the_score_adds_a_share_of_the_judged_mean_to_the_peak() -> None:
+    blind = np.zeros((8, 8), bool)
+    blind[:, 6:] = True  # a clipped band: its values must not count in the mean either
+    region = Region(box=(0, 0, 8, 8), shape=(8, 8), blind=blind)
+    maps = torch.zeros(2, 1, 8, 8)
+    maps[:, 0, 1, 1] = 3.0  # the same peak in both frames
+    maps[1, 0, 4:, :6] = 1.0  # the second also changed over a third of its judged area
+    maps[:, 0, :, 6:] = 50.0
+    raised = raise_by_frame_mean(maps, [region, region], 0.5)
+    scores = crop_reduce(raised, [region, region], "max", 0.01)
+    judged_means = torch.tensor([3.0 / 48, (3.0 + 24.0) / 48])
+    torch.testing.assert_close(scores, 3.0 + 0.5 * judged_means)
+    assert float(scores[1]) > float(scores[0])
+    # The whole map moves with the score: thresholded at it, it marks the peak that set it.
+    marked = (raised[1, 0] >= scores[1]) & torch.from_numpy(~blind)
+    assert marked.nonzero().tolist() == [[1, 1]]
+    assert raise_by_frame_mean(maps, [region, region], 0.0) is maps
+
+
+def test_a_model_file_from_before_the_frame_mean_keeps_scoring_the_peak_alone(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, model = trained
+    meta = read_model_meta(model)
+    assert meta.config["model"]["frame_mean_weight"] == 0.5  # files written now store it
+    config = copy.deepcopy(meta.config)
+    del config["model"]["frame_mean_weight"]
+    old_file = tmp_path / "before.lwm"
+    old_file.write_bytes(model.read_bytes())
+    update_model_meta(old_file, config=config)
+    old = Scorer.load(old_file, device="cpu")
+    assert old.settings.frame_mean_weight == 0.0
+    frames = _frames(data)[:4]
+    prep = old.prepare(frames)
+    maps, scores = old.score_prepared(prep)
+    torch.testing.assert_close(scores, crop_reduce(maps, prep.regions, "max", 0.01))
+    now = Scorer.load(model, device="cpu").score_batch(frames).scores
+    assert not np.allclose(now, scores.numpy(), atol=1e-3)
 
 
 def test_shape_groups_centre_each_frame_by_its_aspect_and_keep_batch_invariance(

@@ -40,7 +40,7 @@ from linewatch.metrics.ranking import auroc, pr_auc
 from linewatch.metrics.thresholds import ThresholdSet, fit_thresholds
 from linewatch.model.acceleration import load_served_scorer
 from linewatch.model.aspect import split_aspects
-from linewatch.model.joint import Normalisation, ShapeGroups, TermNorm
+from linewatch.model.joint import Normalisation, ShapeGroups, TermNorm, raise_by_frame_mean
 from linewatch.model.modelfile import update_model_meta
 from linewatch.model.preprocess import jitter_exposure
 from linewatch.model.scorer import Prepared, Region, Scorer, crop_reduce, shape_standardised
@@ -137,7 +137,10 @@ def collect_term_maps(scorer: Scorer, batches: Iterable[Prepared]) -> TermMaps:
 def _term_scores(scorer: Scorer, maps: TermMaps, term: str) -> np.ndarray:
     s = scorer.settings
     out = [
-        crop_reduce(scorer.model.smooth(m[term]), regions, s.reduce, s.topk_fraction)
+        crop_reduce(
+            raise_by_frame_mean(scorer.model.smooth(m[term]), regions, s.frame_mean_weight),
+            regions, s.reduce, s.topk_fraction,
+        )
         for m, regions in maps.chunks()
     ]
     return torch.cat(out).numpy()
@@ -167,7 +170,7 @@ def joint_scores(scorer: Scorer, maps: TermMaps, weights: ScoreWeights) -> np.nd
     out = []
     with torch.inference_mode():
         for m, regions in maps.chunks():
-            joint = shape_standardised(scorer.model.joint_map(m, weights), regions,
+            joint = shape_standardised(scorer.model.joint_map(m, regions, weights), regions,
                                        scorer.model.norm)
             out.append(crop_reduce(joint, regions, s.reduce, s.topk_fraction))
     return torch.cat(out).numpy()

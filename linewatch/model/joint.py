@@ -24,6 +24,7 @@ import bisect
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,9 @@ from linewatch.model.mdaae import (
 from linewatch.model.sagan import Discriminator, Generator, ImageEncoder, attention_mask
 from linewatch.model.settings import TERMS, ModelSettings, ScoreWeights
 
+if TYPE_CHECKING:  # the scorer imports this module
+    from linewatch.model.scorer import Region
+
 __all__ = [
     "JointForward",
     "JointModel",
@@ -47,6 +51,8 @@ __all__ = [
     "ShapeGroups",
     "TermNorm",
     "gaussian_blur",
+    "judged_pixels",
+    "raise_by_frame_mean",
     "reduce_map",
 ]
 
@@ -389,11 +395,19 @@ class JointModel(nn.Module):
         """The term weights in force: chosen at calibration, else the settings'."""
         return self.norm.weights or self.settings.weights
 
-    def joint_map(self, maps: Mapping[str, Tensor], weights: ScoreWeights | None = None) -> Tensor:
-        """``smooth(sum_t w_t norm_t(A_t))`` (B, 1, size, size) over the weighted terms.
+    def joint_map(
+        self,
+        maps: Mapping[str, Tensor],
+        regions: Sequence[Region],
+        weights: ScoreWeights | None = None,
+    ) -> Tensor:
+        """``smooth(sum_t w_t norm_t(A_t))`` (B, 1, size, size) over the weighted terms, each
+        frame's map raised by ``frame_mean_weight`` x its mean over its ``regions``' judged
+        pixels (:func:`raise_by_frame_mean`).
 
         Smoothing is linear, so smoothing the weighted sum equals summing the smoothed terms
-        that :meth:`Normalisation` statistics are fitted on. ``weights`` defaults to
+        that :meth:`Normalisation` statistics are fitted on; so is the raise, which comes
+        before the offsets, so val's good frames still centre on 0. ``weights`` defaults to
         :attr:`weights`.
         """
         w = weights or self.weights
@@ -407,7 +421,8 @@ class JointModel(nn.Module):
             total = part if total is None else total + part
         if total is None:
             raise ValueError("no score term has a positive weight")
-        return self.smooth(total) - offset
+        raised = raise_by_frame_mean(self.smooth(total), regions, self.settings.frame_mean_weight)
+        return raised - offset
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -423,6 +438,30 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     y = F.conv2d(y, k.view(1, 1, 1, -1))
     y = F.pad(y, (0, 0, radius, radius), mode="reflect")
     return F.conv2d(y, k.view(1, 1, -1, 1))
+
+
+def judged_pixels(amap: Tensor, region: Region) -> Tensor:
+    """The values (N,) of one (1, S, S) map that its frame's score looks at: the frame's box
+    without its blind pixels (the whole box for a frame blind everywhere)."""
+    top, left, h, w = region.box
+    crop = amap[0, top : top + h, left : left + w]
+    if region.blind is not None and not region.blind.all():
+        return crop[torch.from_numpy(~region.blind).to(crop.device)]
+    return crop.reshape(-1)
+
+
+def raise_by_frame_mean(maps: Tensor, regions: Sequence[Region], weight: float) -> Tensor:
+    """(B, 1, S, S) ``maps``, each raised by ``weight`` x its mean over its judged pixels.
+
+    The score then weighs how much of the frame looks unusual as well as its worst spot: a
+    change spread over the surface (an uneven region) counts beyond its peak. Every pixel
+    moves by the same amount, so a map thresholded at the image threshold still shows the
+    pixels that made the verdict.
+    """
+    if weight == 0.0 or len(regions) == 0:
+        return maps
+    means = torch.stack([judged_pixels(maps[i], r).mean() for i, r in enumerate(regions)])
+    return maps + weight * means.view(-1, 1, 1, 1)
 
 
 def reduce_map(amap: Tensor, reduce: str, topk_fraction: float) -> Tensor:

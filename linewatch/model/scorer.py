@@ -13,6 +13,8 @@ the score is the max (or top-k mean) of the Gaussian-smoothed joint map inside t
 area of the model input, so thresholding a map with the image threshold shows the pixels that
 made the verdict. (The map is resized to the frame with bilinear interpolation, which never
 exceeds the model-resolution values, so ``map.max() <= score``, equal up to interpolation.)
+The map is first raised by a share of its own mean over the judged pixels
+(``frame_mean_weight``), so a change spread over the surface counts beyond its peak.
 
 An image's score does not depend on its batch: pre-processing works per image, the networks
 use no batch statistics, and the memory-bank search runs image by image.
@@ -36,7 +38,7 @@ from linewatch.errors import ConfigError, ModelFileError
 from linewatch.log import get_logger
 from linewatch.metrics.thresholds import ThresholdRule, ThresholdSet
 from linewatch.model.backbone import FeatureExtractor
-from linewatch.model.joint import JointModel, Normalisation, reduce_map
+from linewatch.model.joint import JointModel, Normalisation, judged_pixels, reduce_map
 from linewatch.model.modelfile import ModelMeta, load_model_file, model_id, read_model_meta
 from linewatch.model.preprocess import PreprocessConfig, content_box, preprocess_batch
 from linewatch.model.settings import ModelSettings, model_settings_from_dict
@@ -441,7 +443,8 @@ class Scorer(_ScorerBase):
         with torch.inference_mode():
             fwd = self.model(prep.x, prep.feats, self.terms, prep.aspects)
             raw = self.model.term_maps(fwd, self.terms)
-            maps = shape_standardised(self.model.joint_map(raw), prep.regions, self.model.norm)
+            joint = self.model.joint_map(raw, prep.regions)
+            maps = shape_standardised(joint, prep.regions, self.model.norm)
             scores = crop_reduce(
                 maps, prep.regions, self.settings.reduce, self.settings.topk_fraction
             )
@@ -521,14 +524,10 @@ def crop_reduce(
     Letterbox padding and blind (clipped) pixels are not looked at, so they can neither raise
     nor hide a score; a frame that is blind everywhere is scored over its whole box.
     """
-    scores = []
-    for i, region in enumerate(regions):
-        top, left, h, w = region.box
-        crop = maps[i : i + 1, :, top : top + h, left : left + w]
-        if region.blind is not None and not region.blind.all():
-            seen = torch.from_numpy(~region.blind).to(crop.device)
-            crop = crop[:, :, seen].view(1, 1, 1, -1)
-        scores.append(reduce_map(crop, reduce, topk_fraction))
+    scores = [
+        reduce_map(judged_pixels(maps[i], region).view(1, 1, 1, -1), reduce, topk_fraction)
+        for i, region in enumerate(regions)
+    ]
     return torch.cat(scores)
 
 
