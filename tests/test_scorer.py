@@ -268,7 +268,7 @@ def test_a_model_file_from_before_the_frame_mean_keeps_scoring_the_peak_alone(
 ) -> None:
     data, model = trained
     meta = read_model_meta(model)
-    assert meta.config["model"]["frame_mean_weight"] == 0.5  # files written now store it
+    assert meta.config["model"]["frame_mean_weight"] > 0  # files written now store it
     config = copy.deepcopy(meta.config)
     del config["model"]["frame_mean_weight"]
     old_file = tmp_path / "before.lwm"
