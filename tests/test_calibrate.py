@@ -8,12 +8,14 @@ import numpy as np
 
 from linewatch.data.images import read_image
 from linewatch.data.mvtec import MVTecDataset, Sample
+from linewatch.metrics import operating_point_threshold, silverman_bandwidth
 from linewatch.model.calibrate import (
     calibrate_maps,
     collect_term_maps,
     exposure_drift_scores,
     image_batches,
     joint_scores,
+    smoothing_bandwidth,
 )
 from linewatch.model.preprocess import ExposureJitter
 from linewatch.model.scorer import Scorer
@@ -69,3 +71,26 @@ def test_drifted_good_images_just_above_the_operating_point_push_it_up(
                                     drift=lambda: (np.zeros(50, int), crowd))
     assert drifted.operating_point > plain.operating_point
     assert (drifted.f1_max, drifted.youden) == (plain.f1_max, plain.youden)
+
+
+def test_the_operating_point_smooths_with_the_set_kernel_or_silvermans_rule(
+    tiny_line_model: tuple[Path, Path],
+) -> None:
+    scorer, samples, labels = _val_of(tiny_line_model)
+    maps = collect_term_maps(scorer, image_batches(scorer, samples, 4, False, "val"))
+    drift = (np.array([0, 0, 1]), np.array([0.5, 1.5, 4.0]))
+    found = {}
+    for bandwidth in (None, 0.0, 0.7):
+        scorer.settings = scorer.settings.model_copy(
+            update={"operating_point_bandwidth": bandwidth})
+        _, thresholds, *_ = calibrate_maps(scorer, maps, labels, min_recall=0.5,
+                                           drift=lambda: drift)
+        found[bandwidth] = thresholds.operating_point
+    scores = joint_scores(scorer, maps, scorer.model.weights)
+    goods = np.concatenate([scores[labels == 0], drift[1][drift[0] == 0]])
+    rule = silverman_bandwidth(goods)
+    assert smoothing_bandwidth(scorer.settings, labels, scores, drift) == 0.7
+    assert rule > 0 and found[None] != found[0.0]  # the kernel changes this set's threshold
+    for bandwidth, kernel in ((None, rule), (0.0, 0.0), (0.7, 0.7)):
+        expected = operating_point_threshold(labels, scores, 0.5, drift, bandwidth=kernel)
+        assert found[bandwidth] == expected

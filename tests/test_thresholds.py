@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import json
+import math
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from linewatch.metrics import (
     f1_max_threshold,
     fit_thresholds,
     operating_point_threshold,
+    silverman_bandwidth,
     youden_threshold,
 )
 from linewatch.metrics import thresholds as thresholds_module
@@ -129,6 +131,81 @@ def test_drift_in_a_gap_of_the_set_moves_the_operating_point_up() -> None:
     assert fitted.operating_point == 0.4 != plain.operating_point
     assert (fitted.f1_max, fitted.youden) == (plain.f1_max, plain.youden)
     assert (fitted.n_good, fitted.n_defect) == (2, 4)  # the set itself, not its drifted copies
+
+
+def _smoothed_precision_brute_force(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    drift: tuple[np.ndarray, np.ndarray],
+    min_recall: float,
+    bandwidth: float,
+) -> float:
+    """Best (kernel-smoothed precision, counted recall, threshold), one threshold at a time."""
+    pooled_labels = np.concatenate([labels, drift[0]]).astype(bool)
+    pooled = np.concatenate([scores, drift[1]])
+    best: tuple[float, float, float] | None = None
+    for t in sorted(set(pooled.tolist())):
+        recall = classify_at(labels, scores, t).recall
+        if recall < min_recall:
+            continue
+        # P(score + kernel noise >= t), one image at a time, with the standard library's erf.
+        above = [0.5 * (1 + math.erf((x - t) / (bandwidth * math.sqrt(2)))) for x in pooled]
+        tp = sum(a for a, d in zip(above, pooled_labels, strict=True) if d)
+        fp = sum(a for a, d in zip(above, pooled_labels, strict=True) if not d)
+        key = (tp / (tp + fp), recall, t)
+        best = key if best is None or key > best else best
+    assert best is not None
+    return best[2]
+
+
+@pytest.mark.parametrize("seed", [s for s in SEEDS if s % 2 == 0])
+def test_smoothed_operating_point_equals_brute_force(seed: int) -> None:
+    labels, scores = _random_set(seed)
+    drift = _random_set(seed + 100)
+    bandwidth = float(np.std(scores)) * 0.2
+    expected = _smoothed_precision_brute_force(labels, scores, drift, 0.9, bandwidth)
+    found = operating_point_threshold(labels, scores, 0.9, drift, bandwidth=bandwidth)
+    assert found == pytest.approx(expected)
+    assert classify_at(labels, scores, found).recall >= 0.9
+
+
+@pytest.mark.parametrize("seed", [s for s in SEEDS if s % 2 == 0])
+def test_a_kernel_narrower_than_every_gap_counts(seed: int) -> None:
+    labels, scores = _random_set(seed)  # continuous scores: gaps far wider than 1e-9
+    assert operating_point_threshold(labels, scores, 0.9, bandwidth=1e-9) == (
+        operating_point_threshold(labels, scores, 0.9)
+    )
+
+
+def test_smoothing_lifts_the_threshold_out_of_the_bottom_of_a_gap() -> None:
+    # Good images spread around 0, defects around 5, and one good image at 2.9 that a small
+    # set leaves alone below a gap. Counted, the precision is highest just above it (3.0:
+    # every defect above, one good fewer); the smoothed tails put the threshold higher,
+    # where val's recall still meets the bound.
+    goods = [-1.0, -0.5, 0.0, 0.2, 0.5, 1.0, 1.5, 2.9]
+    defects = [3.0, 3.4, 3.8, 4.2, 4.6, 5.0, 5.4, 5.8, 6.2, 6.6]
+    labels = [0] * len(goods) + [1] * len(defects)
+    counted = operating_point_threshold(labels, goods + defects, 0.8)
+    smoothed = operating_point_threshold(labels, goods + defects, 0.8, bandwidth=0.5)
+    assert counted == 3.0
+    assert smoothed > 3.0
+    assert classify_at(labels, goods + defects, smoothed).recall >= 0.8
+
+
+@pytest.mark.parametrize("bandwidth", [-0.1, float("nan"), float("inf")])
+def test_bandwidth_must_be_finite_and_not_negative(bandwidth: float) -> None:
+    with pytest.raises(MetricInputError, match="bandwidth"):
+        operating_point_threshold([0, 1], [0.1, 0.9], 0.9, bandwidth=bandwidth)
+
+
+def test_silverman_bandwidth_follows_the_scale_of_the_scores() -> None:
+    x = np.random.default_rng(0).normal(size=500)
+    h = silverman_bandwidth(x)
+    iqr = np.subtract(*np.percentile(x, [75, 25]))
+    assert h == pytest.approx(0.9 * min(x.std(), iqr / 1.34) * 500 ** -0.2)
+    assert silverman_bandwidth(3.0 * x + 7.0) == pytest.approx(3.0 * h)
+    assert silverman_bandwidth(np.full(10, 2.5)) == 0.0
+    assert silverman_bandwidth([1.0]) == 0.0
 
 
 def test_operating_point_prefers_higher_recall_then_higher_threshold() -> None:

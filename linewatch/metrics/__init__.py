@@ -17,6 +17,7 @@ from linewatch.metrics.thresholds import (
     f1_max_threshold,
     fit_thresholds,
     operating_point_threshold,
+    silverman_bandwidth,
     youden_threshold,
 )
 
@@ -36,5 +37,6 @@ __all__ = [
     "pr_curve",
     "region_iou",
     "roc_curve",
+    "silverman_bandwidth",
     "youden_threshold",
 ]

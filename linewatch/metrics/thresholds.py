@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from scipy.special import ndtr
 
 from linewatch.metrics.classification import _confusion_counts, _ratio
 from linewatch.metrics.ranking import MetricInputError, _binary_inputs
@@ -69,11 +70,36 @@ def youden_threshold(labels: ArrayLike, scores: ArrayLike) -> float:
     return _best(tpr - _ratio(fp, fp + tn), tpr, thresholds)
 
 
+def silverman_bandwidth(scores: ArrayLike) -> float:
+    """Silverman's rule of thumb for a Gaussian kernel over ``scores``:
+    ``0.9 min(std, IQR / 1.34) n^(-1/5)``; 0.0 when the scores do not spread.
+
+    >>> round(silverman_bandwidth(np.arange(100.0)), 3)
+    10.343
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if s.size < 2:
+        return 0.0
+    q75, q25 = np.percentile(s, [75, 25])
+    spread = min(float(s.std()), float(q75 - q25) / 1.34) or float(s.std())
+    return 0.9 * spread * s.size ** -0.2
+
+
+def _at_or_above(scores: np.ndarray, thresholds: np.ndarray, bandwidth: float) -> np.ndarray:
+    """How many ``scores`` lie at or above each threshold: counted, or with ``bandwidth`` > 0
+    each score spread by a Gaussian kernel of that width (a smooth count)."""
+    if bandwidth <= 0.0:
+        return scores.size - np.searchsorted(np.sort(scores), thresholds, side="left")
+    counts: np.ndarray = ndtr((scores[None, :] - thresholds[:, None]) / bandwidth).sum(axis=1)
+    return counts
+
+
 def operating_point_threshold(
     labels: ArrayLike,
     scores: ArrayLike,
     min_recall: float = 0.9,
     drift: tuple[ArrayLike, ArrayLike] | None = None,
+    bandwidth: float = 0.0,
 ) -> float:
     """The highest-precision distinct score whose recall is at least ``min_recall``.
 
@@ -81,6 +107,14 @@ def operating_point_threshold(
     jittered copies of the same set): they count in the precision, so a threshold that only
     looks clean because the set is small and clean pays for the false alarms drift brings,
     and their scores are candidates too. The recall stays that of ``labels``/``scores``.
+
+    ``bandwidth`` > 0 estimates the precision from Gaussian-kernel-smoothed counts of good
+    and defective scores (see :func:`silverman_bandwidth`) instead of counting them. Counted,
+    the precision falls with every defect lost between two good scores and jumps at each
+    good one, so its maximum sits just above some good image, at the bottom of a gap that a
+    small set leaves by chance; smoothed, it follows the tails of the two score
+    distributions. Candidates and recall are counted either way.
+
     Ties in precision go to the higher recall, then to the higher threshold.
     The lowest score always qualifies (recall 1), so a threshold always exists.
 
@@ -91,21 +125,28 @@ def operating_point_threshold(
     0.3
     >>> operating_point_threshold(*good_defects, min_recall=0.5, drift=([0], [0.35]))
     0.4
+    >>> one_good = ([0, 1, 1, 1, 1], [0.2, 0.3, 0.4, 0.5, 0.6])
+    >>> operating_point_threshold(*one_good, min_recall=0.5)  # just above the good image
+    0.3
+    >>> operating_point_threshold(*one_good, min_recall=0.5, bandwidth=0.1)
+    0.5
     """
     if not 0.0 < min_recall <= 1.0:
         raise MetricInputError(f"min_recall must be in (0, 1], got {min_recall}")
+    if not (np.isfinite(bandwidth) and bandwidth >= 0.0):
+        raise MetricInputError(f"bandwidth must be finite and >= 0, got {bandwidth}")
     y, s = _binary_inputs(labels, scores)
-    thresholds = np.unique(s)
+    good, defect = s[~y], s[y]
     if drift is not None:
         dy, ds = _binary_inputs(*drift, both_classes=False)
-        thresholds = np.unique(np.concatenate([thresholds, ds]))
-    tp, fp, _, fn = _confusion_counts(y, s, thresholds)
-    recall = _ratio(tp, tp + fn)
-    if drift is not None:
-        dtp, dfp, _, _ = _confusion_counts(dy, ds, thresholds)
-        tp, fp = tp + dtp, fp + dfp
+        good, defect = np.concatenate([good, ds[~dy]]), np.concatenate([defect, ds[dy]])
+    thresholds = np.unique(np.concatenate([good, defect]))
+    recall = _ratio(_at_or_above(s[y], thresholds, 0.0), int(y.sum()))
     ok = recall >= min_recall
-    return _best(_ratio(tp, tp + fp)[ok], recall[ok], thresholds[ok])
+    thresholds, recall = thresholds[ok], recall[ok]
+    tp = _at_or_above(defect, thresholds, bandwidth)
+    fp = _at_or_above(good, thresholds, bandwidth)
+    return _best(_ratio(tp, tp + fp), recall, thresholds)
 
 
 def _content_hash(fields: dict[str, float | int]) -> str:
@@ -173,10 +214,12 @@ def fit_thresholds(
     scores: ArrayLike,
     min_recall: float = 0.9,
     drift: tuple[ArrayLike, ArrayLike] | None = None,
+    bandwidth: float = 0.0,
 ) -> ThresholdSet:
     """Fit all three rules on one validation set; ``drift`` (labels, scores of the same
-    images under other conditions) joins the operating point's precision only
-    (:func:`operating_point_threshold`). ``n_good`` and ``n_defect`` count the set itself.
+    images under other conditions) and ``bandwidth`` (its smoothing) concern the operating
+    point's precision only (:func:`operating_point_threshold`). ``n_good`` and ``n_defect``
+    count the set itself.
 
     >>> ts = fit_thresholds([0, 0, 0, 1, 1], [0.0, 1.0, 2.0, 8.0, 10.0])
     >>> ts.operating_point, ts.youden, ts.n_good, ts.n_defect
@@ -184,7 +227,7 @@ def fit_thresholds(
     """
     y, s = _binary_inputs(labels, scores)
     return ThresholdSet(
-        operating_point=operating_point_threshold(y, s, min_recall, drift),
+        operating_point=operating_point_threshold(y, s, min_recall, drift, bandwidth),
         f1_max=f1_max_threshold(y, s),
         youden=youden_threshold(y, s),
         min_recall=min_recall,

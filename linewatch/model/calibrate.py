@@ -14,6 +14,10 @@ One pass of the networks over ``val`` gives every term's map for every image; th
    each val image (their recall does not count): a small clean val set leaves gaps between
    its good images' scores, and the rule would otherwise put the threshold at the bottom
    of such a gap, just above a good image, where a drifting exposure finds false alarms.
+   For the same reason the precision is estimated from kernel-smoothed counts of the good
+   and defective scores (``operating_point_bandwidth``; Silverman's rule by default), so
+   it follows the tails of the two score distributions rather than the chance positions
+   of single good images (:func:`linewatch.metrics.thresholds.operating_point_threshold`).
 
 All three are stored in the model file's metadata; the weights of the networks are not
 touched.
@@ -37,14 +41,14 @@ from linewatch.data.mvtec import MVTecDataset, Sample
 from linewatch.errors import DataError
 from linewatch.log import get_logger
 from linewatch.metrics.ranking import auroc, pr_auc
-from linewatch.metrics.thresholds import ThresholdSet, fit_thresholds
+from linewatch.metrics.thresholds import ThresholdSet, fit_thresholds, silverman_bandwidth
 from linewatch.model.acceleration import load_served_scorer
 from linewatch.model.aspect import split_aspects
 from linewatch.model.joint import Normalisation, ShapeGroups, TermNorm, raise_by_frame_mean
 from linewatch.model.modelfile import update_model_meta
 from linewatch.model.preprocess import jitter_exposure
 from linewatch.model.scorer import Prepared, Region, Scorer, crop_reduce, shape_standardised
-from linewatch.model.settings import ScoreWeights
+from linewatch.model.settings import ModelSettings, ScoreWeights
 
 __all__ = [
     "AUROC_TOLERANCE",
@@ -59,6 +63,7 @@ __all__ = [
     "exposure_drift_scores",
     "fit_normalisation",
     "search_weights",
+    "smoothing_bandwidth",
 ]
 
 log = get_logger("calibrate")
@@ -284,9 +289,29 @@ def calibrate_maps(
         scorer.model.norm = norm
         scores = joint_scores(scorer, maps, weights)
         val_auroc, val_pr_auc = auroc(labels, scores), pr_auc(labels, scores)
-    thresholds = fit_thresholds(labels, scores, min_recall=min_recall,
-                                drift=drift() if drift is not None else None)
+    drifted = drift() if drift is not None else None
+    bandwidth = smoothing_bandwidth(scorer.settings, labels, scores, drifted)
+    thresholds = fit_thresholds(labels, scores, min_recall=min_recall, drift=drifted,
+                                bandwidth=bandwidth)
+    log.info("operating_point_fitted", operating_point=round(thresholds.operating_point, 4),
+             bandwidth=round(bandwidth, 4), drift_images=0 if drifted is None else len(drifted[0]))
     return norm, thresholds, term_auroc, val_auroc, val_pr_auc
+
+
+def smoothing_bandwidth(
+    settings: ModelSettings,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    drift: tuple[np.ndarray, np.ndarray] | None,
+) -> float:
+    """The kernel width of the operating point's precision: ``operating_point_bandwidth``,
+    or when that is None Silverman's rule on the good scores of val and its ``drift`` copies."""
+    if settings.operating_point_bandwidth is not None:
+        return settings.operating_point_bandwidth
+    good = [scores[labels == 0]]
+    if drift is not None:
+        good.append(drift[1][drift[0] == 0])
+    return silverman_bandwidth(np.concatenate(good))
 
 
 def fit_shape_groups(scores: np.ndarray, aspects: np.ndarray, groups: int) -> ShapeGroups | None:

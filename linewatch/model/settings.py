@@ -184,6 +184,15 @@ class ModelSettings(_Strict):
         "5.9-8.3 % -> 3.9 % clean and 9.3-12.7 % -> 6.4 % under strong light, recall "
         "0.93-0.94 -> 0.90-0.91",
     )
+    operating_point_bandwidth: float | None = Field(
+        None, ge=0,
+        description="the operating point's precision is estimated from the good and "
+        "defective scores of val and its exposure copies, each spread by a Gaussian kernel of "
+        "this width (normalised score units), so the threshold follows the tails of the two "
+        "score distributions instead of landing just above whichever good image a small set "
+        "happens to leave below a gap; None = Silverman's rule on the good scores; 0 = counted "
+        "(the rule before 2026-11-29). Candidates and recall are counted either way",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSettings:
