@@ -11,6 +11,7 @@ import pytest
 
 from linewatch.cli import main
 from linewatch.data.synth import write_dataset
+from linewatch.model.scorer import Scorer
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -60,3 +61,21 @@ def test_a_bad_variant_is_refused_in_one_line(trained: tuple[Path, Path]) -> Non
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2 and "expected NAME=LEVEL" in done.stderr
+
+
+def test_operating_point_stability_reproduces_the_calibrated_threshold(
+    trained: tuple[Path, Path],
+) -> None:
+    model, data = trained
+    done = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "operating_point_stability.py"), str(model),
+         str(data), "--boot", "5"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    assert len(rows) == 4 and float(rows[0][0]) == 0.0  # counted, then h/2, h, 2h
+    silverman = float(done.stdout.split("Silverman's bandwidth ")[1].split()[0])
+    assert float(rows[2][0]) == pytest.approx(silverman, abs=1e-3)
+    stored = Scorer.load(model, device="cpu").thresholds
+    assert stored is not None  # calibrated with the default kernel: Silverman's rule
+    assert float(rows[2][1]) == pytest.approx(stored.operating_point, abs=2e-3)
