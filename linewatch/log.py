@@ -34,7 +34,10 @@ def configure(level: str = "info", fmt: LogFormat = "console", process: str | No
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStderr())),
+        # One write per event, newline included: print() makes two, and with unbuffered
+        # stderr (PYTHONUNBUFFERED, common in containers) the line processes share on one
+        # pipe gets another process's line spliced in between.
+        logger_factory=structlog.WriteLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )
 
