@@ -169,6 +169,17 @@ def test_smoothed_operating_point_equals_brute_force(seed: int) -> None:
     assert classify_at(labels, scores, found).recall >= 0.9
 
 
+@pytest.mark.parametrize("block", [1, 7, 1000])
+def test_smoothed_counts_come_out_the_same_in_blocks_of_any_size(
+    block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    labels, scores = _random_set(2)
+    drift = _random_set(102)
+    whole = operating_point_threshold(labels, scores, 0.9, drift, bandwidth=5.0)
+    monkeypatch.setattr(thresholds_module, "_SMOOTHING_BLOCK", block)  # kernel values at once
+    assert operating_point_threshold(labels, scores, 0.9, drift, bandwidth=5.0) == whole
+
+
 @pytest.mark.parametrize("seed", [s for s in SEEDS if s % 2 == 0])
 def test_a_kernel_narrower_than_every_gap_counts(seed: int) -> None:
     labels, scores = _random_set(seed)  # continuous scores: gaps far wider than 1e-9

@@ -27,6 +27,8 @@ from linewatch.metrics.classification import _confusion_counts, _ratio
 from linewatch.metrics.ranking import MetricInputError, _binary_inputs
 
 ThresholdRule = Literal["operating_point", "f1_max", "youden"]
+# Kernel evaluations held at once when smoothing counts (8 MB of float64).
+_SMOOTHING_BLOCK = 1 << 20
 
 
 def _best(criterion: np.ndarray, recall: np.ndarray, thresholds: np.ndarray) -> float:
@@ -90,7 +92,13 @@ def _at_or_above(scores: np.ndarray, thresholds: np.ndarray, bandwidth: float) -
     each score spread by a Gaussian kernel of that width (a smooth count)."""
     if bandwidth <= 0.0:
         return scores.size - np.searchsorted(np.sort(scores), thresholds, side="left")
-    counts: np.ndarray = ndtr((scores[None, :] - thresholds[:, None]) / bandwidth).sum(axis=1)
+    # A block of thresholds at a time: a val set of thousands of images and its copies
+    # would otherwise make a thresholds x scores matrix of gigabytes.
+    rows = max(1, _SMOOTHING_BLOCK // max(scores.size, 1))
+    counts = np.empty(thresholds.size)
+    for start in range(0, thresholds.size, rows):
+        block = thresholds[start : start + rows, None]
+        counts[start : start + rows] = ndtr((scores[None, :] - block) / bandwidth).sum(axis=1)
     return counts
 
 
