@@ -115,6 +115,9 @@ def test_inconsistent_settings_are_one_line_config_errors() -> None:
         variant_settings("F")
     with pytest.raises(ConfigError, match="size"):
         variant_settings("E", size=100)
+    for bandwidth in (-0.1, float("inf")):  # else refused only at the end of calibration
+        with pytest.raises(ConfigError, match="operating_point_bandwidth"):
+            variant_settings("E", operating_point_bandwidth=bandwidth)
 
 
 def test_default_settings_are_the_product_variant() -> None:

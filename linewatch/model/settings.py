@@ -185,7 +185,7 @@ class ModelSettings(_Strict):
         "0.93-0.94 -> 0.90-0.91",
     )
     operating_point_bandwidth: float | None = Field(
-        None, ge=0,
+        None, ge=0, allow_inf_nan=False,
         description="the operating point's precision is estimated from the good and "
         "defective scores of val and its exposure copies, each spread by a Gaussian kernel of "
         "this width (normalised score units), so the threshold follows the tails of the two "
