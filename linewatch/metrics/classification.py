@@ -32,16 +32,21 @@ class ClassificationReport(BaseModel):
     fn: int = Field(ge=0)
 
 
+def _at_or_above_counts(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """How many ``scores`` lie at or above each threshold: one sort, one binary search."""
+    # Scores below a threshold are left of its 'left' insertion point.
+    below = np.searchsorted(np.sort(scores), thresholds, side="left")
+    counts: np.ndarray = scores.size - below
+    return counts
+
+
 def _confusion_counts(
     y: np.ndarray, s: np.ndarray, thresholds: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(TP, FP, TN, FN) at each threshold, vectorised: two sorts, two binary searches."""
-    defect = np.sort(s[y])
-    good = np.sort(s[~y])
-    # Scores below a threshold are left of its 'left' insertion point.
-    fn = np.searchsorted(defect, thresholds, side="left")
-    tn = np.searchsorted(good, thresholds, side="left")
-    return defect.size - fn, good.size - tn, tn, fn
+    """(TP, FP, TN, FN) at each threshold, vectorised."""
+    tp = _at_or_above_counts(s[y], thresholds)
+    fp = _at_or_above_counts(s[~y], thresholds)
+    return tp, fp, int((~y).sum()) - fp, int(y.sum()) - tp
 
 
 def _ratio(num: ArrayLike, den: ArrayLike) -> np.ndarray:

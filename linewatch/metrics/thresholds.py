@@ -23,7 +23,7 @@ from numpy.typing import ArrayLike
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from scipy.special import ndtr
 
-from linewatch.metrics.classification import _confusion_counts, _ratio
+from linewatch.metrics.classification import _at_or_above_counts, _confusion_counts, _ratio
 from linewatch.metrics.ranking import MetricInputError, _binary_inputs
 
 ThresholdRule = Literal["operating_point", "f1_max", "youden"]
@@ -91,7 +91,7 @@ def _at_or_above(scores: np.ndarray, thresholds: np.ndarray, bandwidth: float) -
     """How many ``scores`` lie at or above each threshold: counted, or with ``bandwidth`` > 0
     each score spread by a Gaussian kernel of that width (a smooth count)."""
     if bandwidth <= 0.0:
-        return scores.size - np.searchsorted(np.sort(scores), thresholds, side="left")
+        return _at_or_above_counts(scores, thresholds)
     # A block of thresholds at a time: a val set of thousands of images and its copies
     # would otherwise make a thresholds x scores matrix of gigabytes.
     rows = max(1, _SMOOTHING_BLOCK // max(scores.size, 1))
